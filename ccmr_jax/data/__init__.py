@@ -1,0 +1,1 @@
+"""Data stage: datasets, the task split, the tokenizer and training batches."""

@@ -1,0 +1,308 @@
+"""The continual loop: for each task, train → snapshot → index → query → report.
+
+This is the one module that calls every stage. A workdir holds:
+
+  config.json                    the config of the run (a rerun must match)
+  tokenizer.json                 the tokenizer, fixed before task 0
+  snapshots/task_TT/             Orbax snapshot S_t of the encoders
+  embeddings/snapshot_SS/task_KK.npz
+                                 task k's test images and captions embedded by S_s
+  index/snapshot_SS/task_KK/{images,captions}/
+                                 ScaNN searchers over those embeddings
+  eval/after_task_TT.json        R[t, k] for both policies, every k <= t
+  results.json, report.md, plots/*.png, tensorboard/
+
+A rerun of the same command resumes: tasks whose evaluation is written are
+skipped; a task with a snapshot but no evaluation is only evaluated; the
+first task with neither is retrained from the previous snapshot (training is
+a deterministic function of the config, so the numbers do not change).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ccmr_jax import checkpoint, evaluate, files, index, report, sharding, train
+from ccmr_jax.continual.strategies import parse_strategy
+from ccmr_jax.data.batches import PairSampler
+from ccmr_jax.data.scenes import SceneSpec, make_scenes
+from ccmr_jax.data.task_split import TaskStream, split_into_tasks
+from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
+from ccmr_jax.losses import LOSSES
+from ccmr_jax.models.dual_encoder import build_model
+
+DATA_SOURCES = ("scenes",)
+
+
+class UserError(Exception):
+  """A problem the user can fix (config, paths, data); main prints it without a traceback."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects config values that cannot work, naming the field and the fix."""
+  def positive(path: str, value) -> None:
+    if not value > 0:
+      raise UserError(f"{path} must be positive, got {value!r}")
+
+  if config.data.source not in DATA_SOURCES:
+    raise UserError(f"unknown data.source {config.data.source!r}; choose one of {list(DATA_SOURCES)}")
+  if config.loss.name not in LOSSES:
+    raise UserError(f"unknown loss.name {config.loss.name!r}; choose one of {list(LOSSES)}")
+  if config.eval.index_mode not in index.INDEX_MODES:
+    raise UserError(f"unknown eval.index_mode {config.eval.index_mode!r}; choose one of {list(index.INDEX_MODES)}")
+  try:
+    parse_strategy(config.train.strategy)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
+               "eval.batch_size", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
+    section, field = path.split(".")
+    positive(path, config[section][field])
+  if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
+    raise UserError(f"eval.ks must be positive integers including 1, got {tuple(config.eval.ks)}")
+
+
+def load_task_stream(config: ml_collections.ConfigDict) -> TaskStream:
+  if config.data.source == "scenes":
+    dataset = make_scenes(SceneSpec(**config.data.scenes))
+  else:  # check_config has already refused anything else
+    raise UserError(f"unknown data.source {config.data.source!r}")
+  try:
+    return split_into_tasks(dataset, config.data.num_tasks, config.data.unlabeled)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: workdir has {a!r}, this run has {b!r}")
+  return out
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir or checks that it belongs to the same config."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    files.atomic_write_text(probe, "ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {workdir}: {e.strerror}; choose another --workdir") from e
+  path = os.path.join(workdir, "config.json")
+  new = _config_json(config)
+  if os.path.exists(path):
+    differences = _config_differences(files.read_json(path), new)
+    if differences:
+      raise UserError(f"workdir {workdir} holds a run with another config:\n  " + "\n  ".join(differences)
+                      + "\nUse a new --workdir, or delete this one to start over.")
+  elif jax.process_index() == 0:
+    files.atomic_write_json(path, new)
+
+
+def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict) -> Tokenizer:
+  """The tokenizer of ``workdir``, or a new one from task 0's training captions only."""
+  path = os.path.join(workdir, "tokenizer.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      try:
+        return Tokenizer.from_json(f.read())
+      except ValueError as e:
+        raise UserError(f"{path}: {e}; delete the workdir to start over") from e
+  tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
+                              config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
+  if jax.process_index() == 0:
+    files.atomic_write_text(path, tokenizer.to_json())
+  return tokenizer
+
+
+def _eval_path(workdir: str, task: int) -> str:
+  return os.path.join(workdir, "eval", f"after_task_{task:02d}.json")
+
+
+def _embedding_path(workdir: str, snapshot: int, task: int) -> str:
+  return os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz")
+
+
+def _index_path(workdir: str, snapshot: int, task: int, gallery: str) -> str:
+  return os.path.join(workdir, "index", f"snapshot_{snapshot:02d}", f"task_{task:02d}", gallery)
+
+
+class _TensorBoard:
+  """Scalars to ``workdir/tensorboard`` (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict, prefix: str) -> None:
+    if self.writer is not None:
+      for name, value in values.items():
+        self.writer.add_scalar(f"{prefix}/{name}", value, step)
+      self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _evaluate_after_task(t: int, params, stream: TaskStream, tokenizer: Tokenizer, embedders, workdir: str,
+                         config: ml_collections.ConfigDict) -> dict:
+  """Embeds seen test splits with S_t, builds the (S_t, k) indexes, queries both policies."""
+  embed_images, embed_texts = embedders
+  queries = {}
+  for k in range(t + 1):
+    test = stream.tasks[k].splits["test"]
+    image_emb = embed_images(params, test.images)
+    caption_emb = embed_texts(params, tokenizer.encode(test.captions))
+    queries[k] = (image_emb, caption_emb)
+    if jax.process_index() == 0:
+      files.atomic_save_npz(_embedding_path(workdir, t, k), images=image_emb, captions=caption_emb,
+                            image_ids=test.image_ids, caption_image=test.caption_image)
+      k_max = max(config.eval.ks)
+      index.save_searcher(index.build_searcher(image_emb, k_max, config.eval.index_mode),
+                          _index_path(workdir, t, k, "images"))
+      index.save_searcher(index.build_searcher(caption_emb, k_max, config.eval.index_mode),
+                          _index_path(workdir, t, k, "captions"))
+  results = {policy: {} for policy in evaluate.POLICIES}
+  if jax.process_index() != 0:
+    return results
+  for k in range(t + 1):
+    truth = evaluate.GroundTruth.from_examples(stream.tasks[k].splits["test"])
+    for policy in evaluate.POLICIES:
+      snapshot = evaluate.snapshot_for_gallery(policy, k, t)
+      image_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "images"))
+      caption_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "captions"))
+      results[policy][str(k)] = evaluate.query_gallery(*queries[k], image_searcher, caption_searcher,
+                                                       truth, config.eval.ks)
+  return results
+
+
+def _log_stream(stream: TaskStream) -> list[dict]:
+  info = []
+  for task in stream.tasks:
+    counts = task.counts()
+    logging.info("task %d %-10s train %5d images / %6d captions, val %4d, test %4d images / %5d captions",
+                 task.index, task.name, counts["train"]["images"], counts["train"]["captions"],
+                 counts["val"]["images"], counts["test"]["images"], counts["test"]["captions"])
+    info.append({"index": task.index, "name": task.name,
+                 "categories": [stream.category_names[c] for c in task.categories], "counts": counts})
+  if any(stream.dropped.values()):
+    logging.info("images without labels dropped: %s", stream.dropped)
+  return info
+
+
+def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
+  t = 0
+  while t < num_tasks and os.path.exists(_eval_path(workdir, t)):
+    t += 1
+  return t
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the whole continual experiment; returns the results document."""
+  start_time = time.perf_counter()
+  check_config(config)
+  prepare_workdir(workdir, config)
+  stream = load_task_stream(config)
+  task_info = _log_stream(stream)
+  num_tasks = len(stream)
+  tokenizer = load_or_build_tokenizer(workdir, stream, config)
+  strategy = parse_strategy(config.train.strategy)
+
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_divisible(config.train.batch_size, mesh)
+    sharding.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  try:
+    model = build_model(config.model, tokenizer.vocab_size, tokenizer.max_length)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  image_size = config.data.scenes.image_size
+  dummy_images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  dummy_tokens = jnp.zeros((1, tokenizer.max_length), jnp.int32)
+  params = jax.jit(model.init, out_shardings=sharding.replicated(mesh))(
+      jax.random.key(config.seed), dummy_images, dummy_tokens)
+  optimizer = train.make_optimizer(config.train)
+  step_fn = train.make_train_step(train.make_loss_fn(model, config.loss), optimizer, mesh)
+  embedders = evaluate.make_embedder(model, mesh, config.eval.batch_size)
+  tensorboard = _TensorBoard(workdir)
+  metrics = evaluate.metric_names(config.eval.ks)
+
+  first = _first_unfinished_task(workdir, num_tasks)
+  evaluations = [files.read_json(_eval_path(workdir, t)) for t in range(first)]
+  if first > 0:
+    logging.info("resuming: tasks 0..%d already evaluated", first - 1)
+    params = checkpoint.restore_snapshot(workdir, first - 1, checkpoint.abstract_like(params))
+  timings = []
+  for t in range(first, num_tasks):
+    task_start = time.perf_counter()
+    if t in checkpoint.completed_snapshots(workdir):
+      logging.info("task %d: snapshot found, evaluating it", t)
+      params = checkpoint.restore_snapshot(workdir, t, checkpoint.abstract_like(params))
+    else:
+      train_data = stream.training_data(strategy.training_tasks(t))
+      sampler = PairSampler.create(train_data, tokenizer)
+      steps_per_epoch = sampler.steps_per_epoch(config.train.batch_size)
+      if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size={config.train.batch_size} exceeds the {len(train_data)} "
+                        f"training images of task {t}; lower it")
+      total_steps = steps_per_epoch * config.train.epochs_per_task
+      state = train.init_state(params, optimizer, mesh)
+      batches = (batch for epoch in range(config.train.epochs_per_task)
+                 for batch in sampler.epoch(config.train.batch_size, config.seed, t, epoch,
+                                            jax.process_index(), jax.process_count()))
+      logging.info("task %d (%s): %d steps on %d images (strategy %s)", t, stream.tasks[t].name,
+                   total_steps, len(train_data), strategy.name)
+      schedule = train.learning_rate_schedule(config.train, total_steps)
+      state, _ = train.fit(state, step_fn, batches, mesh, schedule, total_steps, t, config.train.log_every,
+                           on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"))
+      params = state.params
+      checkpoint.save_snapshot(workdir, t, params)
+    train_seconds = time.perf_counter() - task_start
+    evaluation = _evaluate_after_task(t, params, stream, tokenizer, embedders, workdir, config)
+    if jax.process_index() == 0:
+      files.atomic_write_json(_eval_path(workdir, t), evaluation)
+      for policy in evaluate.POLICIES:
+        for k, values in evaluation[policy].items():
+          tensorboard.scalars(t, values, f"eval_{policy}/task_{int(k):02d}")
+    evaluations.append(evaluation)
+    timings.append({"task": t, "train_s": round(train_seconds, 2),
+                    "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})
+    logging.info("task %d done: mean R@1 on it %.2f (%.0fs train, %.0fs eval)", t,
+                 evaluation["reindex"][str(t)][evaluate.HEADLINE] if evaluation["reindex"] else float("nan"),
+                 timings[-1]["train_s"], timings[-1]["eval_s"])
+  tensorboard.close()
+
+  run_info = {"config": _config_json(config), "tasks": task_info, "devices": jax.device_count(),
+              "processes": jax.process_count(), "timings": timings,
+              "wall_s_this_invocation": round(time.perf_counter() - start_time, 2)}
+  results = report.build_results(evaluations, metrics, run_info)
+  if jax.process_index() == 0:
+    results_path = os.path.join(workdir, "results.json")
+    files.atomic_write_json(results_path, results)
+    plots = report.plot_results(results, workdir)
+    report_path = report.write_report(results, workdir, plots)
+    print("\n" + report.summary_table(results) + "\n")
+    print("wrote:\n  " + "\n  ".join([results_path, report_path, *plots, os.path.join(workdir, "tensorboard")]))
+  return results

@@ -1,0 +1,139 @@
+"""Training: the train state, the jitted data-parallel step, fitting one task.
+
+The optimizer is ``optax.chain(*regularizers, clip, adamw)``: the continual
+regularizers of the strategy (optax transforms, see :mod:`ccmr_jax.continual`)
+come first, so they see and change the raw loss gradient. A fresh optimizer
+state is made at the start of every task (Adam's moments belong to the task
+that produced them); what must cross task boundaries lives in the params and
+in the regularizer state handed over by the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from ccmr_jax import losses, sharding
+
+
+class TrainState(NamedTuple):
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, cosine decay to ``final_lr_fraction`` of it, over one task."""
+  warmup = min(train_config.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=train_config.learning_rate * train_config.final_lr_fraction)
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   regularizers: Iterable[optax.GradientTransformation] = ()) -> optax.GradientTransformation:
+  """``chain(*regularizers, clip_by_global_norm, adamw)``.
+
+  AdamW's learning rate is an injected hyperparameter (see
+  :func:`set_learning_rate`), so one compiled step serves tasks of any length.
+  """
+  return optax.chain(
+      *regularizers,
+      optax.clip_by_global_norm(train_config.grad_clip),
+      optax.inject_hyperparams(optax.adamw)(learning_rate=train_config.learning_rate,
+                                            weight_decay=train_config.weight_decay),
+  )
+
+
+def set_learning_rate(opt_state, learning_rate):
+  """The state of :func:`make_optimizer` with AdamW's learning rate replaced."""
+  adamw_state = opt_state[-1]
+  hyperparams = dict(adamw_state.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
+  return (*opt_state[:-1], adamw_state._replace(hyperparams=hyperparams))
+
+
+def make_loss_fn(model, loss_config: ml_collections.ConfigDict) -> Callable:
+  """``loss_fn(params, batch) -> (loss, aux)`` of the contrastive objective."""
+
+  def loss_fn(params, batch):
+    image_emb, text_emb, scale = model.apply(params, batch["image"], batch["tokens"])
+    negatives = losses.valid_negatives(batch["image_key"], batch["text_key"])
+    loss = losses.contrastive_loss(loss_config.name, image_emb, text_emb, scale, negatives, loss_config.margin)
+    return loss, {"scale": scale}
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+  """The jitted step ``(state, batch, learning_rate) -> (state, metrics)``.
+
+  State is replicated, the batch sharded on ``data``; the old state's buffers
+  are donated. Metrics stay on device: the caller reads them only when it logs.
+  """
+
+  def step(state: TrainState, batch, learning_rate):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    opt_state = set_learning_rate(state.opt_state, learning_rate)
+    updates, opt_state = optimizer.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """A replicated state at step 0; it owns ``params`` (the first step donates them)."""
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return sharding.replicate(state, mesh)
+
+
+def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+        schedule: optax.Schedule, total_steps: int, task: int, log_every: int,
+        on_log: Callable[[int, dict], None] | None = None):
+  """Runs ``step_fn`` over ``batches`` with the learning rates of ``schedule``.
+
+  Logs every ``log_every`` steps.
+
+  The host waits for the device only at log points, where the loss is also
+  checked: a NaN or Inf stops the run with the task and step named.
+
+  Returns:
+    ``(state, last_metrics)``.
+  """
+  start = time.perf_counter()
+  last_log_time, last_log_step = start, 0
+  metrics: dict = {}
+  step = 0
+  for step, local_batch in enumerate(batches, start=1):
+    learning_rate = np.float32(schedule(step - 1))
+    state, device_metrics = step_fn(state, sharding.to_global(local_batch, mesh), learning_rate)
+    if step % log_every == 0 or step == total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      metrics["learning_rate"] = float(learning_rate)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(
+            f"training diverged: loss={metrics['loss']} at step {step} of task {task}; "
+            "lower train.learning_rate or check the data")
+      now = time.perf_counter()
+      batch_size = len(local_batch["image"]) * jax.process_count()
+      metrics["pairs_per_s"] = (step - last_log_step) * batch_size / (now - last_log_time)
+      eta = (total_steps - step) * (now - start) / step
+      logging.info("task %d step %d/%d loss %.4f pairs/s %.0f eta %.0fs", task, step, total_steps,
+                   metrics["loss"], metrics["pairs_per_s"], eta)
+      if on_log is not None:
+        on_log(step, metrics)
+      last_log_time, last_log_step = now, step
+  if step != total_steps:
+    raise RuntimeError(f"task {task}: expected {total_steps} steps, the data gave {step}")
+  return state, metrics

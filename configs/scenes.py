@@ -1,0 +1,51 @@
+"""The embedded default: captioned synthetic scenes, 5 tasks, no download.
+
+Run it (from the repository root):
+
+  python -m ccmr_jax.main --config=configs/scenes.py --workdir=runs/scenes
+
+Override any field on the command line, e.g. ``--config.train.strategy=joint``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.multihost = False
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "scenes"
+  config.data.num_tasks = 5
+  config.data.unlabeled = "drop"
+  config.data.scenes = ml_collections.ConfigDict(dict(
+      num_train=6000, num_val=500, num_test=1000, image_size=64, in_family_prob=0.9, seed=0))
+
+  config.tokenizer = ml_collections.ConfigDict(dict(max_length=16, num_oov_buckets=256, min_count=1))
+
+  config.model = ml_collections.ConfigDict()
+  config.model.image_tower = "conv"
+  config.model.text_tower = "transformer"
+  config.model.embed_dim = 128
+  config.model.temperature_init = 0.07
+  config.model.dtype = "float32"
+  config.model.conv = ml_collections.ConfigDict(dict(patch=4, widths=(64, 128), features=256))
+  config.model.transformer = ml_collections.ConfigDict(dict(width=128, depth=2, heads=4))
+  config.model.gru = ml_collections.ConfigDict(dict(width=128))
+
+  config.loss = ml_collections.ConfigDict(dict(name="info_nce", margin=0.2))
+
+  config.train = ml_collections.ConfigDict()
+  config.train.strategy = "finetune"
+  config.train.batch_size = 128
+  config.train.epochs_per_task = 12
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 20
+  config.train.final_lr_fraction = 0.1
+  config.train.weight_decay = 1e-4
+  config.train.grad_clip = 1.0
+  config.train.log_every = 20
+
+  config.eval = ml_collections.ConfigDict(dict(ks=(1, 5, 10), batch_size=256, index_mode="exact"))
+  return config

@@ -1,0 +1,32 @@
+"""Test setup: 8 fake CPU devices, so sharded code runs as on an 8-chip host."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ccmr_jax.data.examples import Examples  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+  found = jax.devices()
+  assert len(found) == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest)"
+  return found
+
+
+def make_examples(labels, captions_per_image=2, image_size=8, seed=0):
+  """Hand-made :class:`Examples` with the given labels per image."""
+  rng = np.random.default_rng(seed)
+  n = len(labels)
+  captions = tuple(f"image {i} caption {j}" for i in range(n) for j in range(captions_per_image))
+  return Examples(
+      images=rng.integers(0, 255, size=(n, image_size, image_size, 3), dtype=np.uint8),
+      image_ids=np.arange(n, dtype=np.int64),
+      captions=captions,
+      caption_image=np.repeat(np.arange(n), captions_per_image),
+      labels=tuple(np.asarray(l, np.int32) for l in labels),
+  )

@@ -1,0 +1,75 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ccmr_jax import checkpoint, evaluate, index, sharding
+from ccmr_jax.models.dual_encoder import build_model
+from configs import tiny
+
+
+def _model_and_params(seed):
+  model = build_model(tiny.get_config().model, vocab_size=30, max_length=8)
+  images = np.random.default_rng(0).integers(0, 255, (16, 64, 64, 3)).astype(np.uint8)
+  tokens = np.random.default_rng(1).integers(1, 30, (16, 8)).astype(np.int32)
+  return model, model.init(jax.random.key(seed), images[:1], tokens[:1]), images, tokens
+
+
+def test_a_snapshot_restores_alone_and_re_embeds_to_the_same_vectors(tmp_path, devices):
+  mesh = sharding.make_mesh(devices)
+  model, params, images, tokens = _model_and_params(0)
+  embed_images, embed_texts = evaluate.make_embedder(model, mesh, batch_size=8)
+  before = embed_images(params, images), embed_texts(params, tokens)
+  checkpoint.save_snapshot(str(tmp_path), 3, params)
+  assert checkpoint.completed_snapshots(str(tmp_path)) == [3]
+  _, other, _, _ = _model_and_params(1)  # a different init supplies only the structure
+  restored = checkpoint.restore_snapshot(str(tmp_path), 3, checkpoint.abstract_like(other))
+  np.testing.assert_array_equal(embed_images(restored, images), before[0])
+  np.testing.assert_array_equal(embed_texts(restored, tokens), before[1])
+
+
+def test_a_corrupt_snapshot_is_a_clear_error(tmp_path):
+  _, params, _, _ = _model_and_params(0)
+  path = checkpoint.save_snapshot(str(tmp_path), 0, params)
+  for root, _, names in os.walk(path):
+    for name in names:
+      if name not in ("_CHECKPOINT_METADATA",):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(ValueError, match="unreadable"):
+    checkpoint.restore_snapshot(str(tmp_path), 0, checkpoint.abstract_like(params))
+  with pytest.raises(FileNotFoundError):
+    checkpoint.restore_snapshot(str(tmp_path), 1, checkpoint.abstract_like(params))
+
+
+def _unit(rng, n, d):
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_scann_search_equals_numpy_top_k_and_survives_save_and_load(tmp_path):
+  rng = np.random.default_rng(0)
+  gallery, queries = _unit(rng, 500, 16), _unit(rng, 40, 16)
+  searcher = index.build_searcher(gallery, 10)
+  rows, scores = index.search(searcher, queries, 10)
+  expected = np.argsort(-(queries @ gallery.T), axis=1)[:, :10]
+  np.testing.assert_array_equal(rows, expected)
+  np.testing.assert_allclose(scores, np.take_along_axis(queries @ gallery.T, expected, 1), rtol=1e-5)
+  path = index.save_searcher(searcher, str(tmp_path / "idx"))
+  loaded_rows, _ = index.search(index.load_searcher(path), queries, 10)
+  np.testing.assert_array_equal(loaded_rows, rows)
+
+
+def test_index_inputs_and_files_are_checked(tmp_path):
+  with pytest.raises(ValueError, match="NaN"):
+    index.build_searcher(np.full((3, 4), np.nan, np.float32), 2)
+  with pytest.raises(ValueError, match="unknown index mode"):
+    index.build_searcher(np.ones((3, 4), np.float32), 2, mode="lsh")
+  with pytest.raises(FileNotFoundError):
+    index.load_searcher(str(tmp_path / "missing"))
+  path = index.save_searcher(index.build_searcher(np.eye(4, dtype=np.float32), 2), str(tmp_path / "idx"))
+  with open(os.path.join(path, "scann_docids.pkl"), "wb") as f:
+    f.write(b"cos\nsystem\n(S'echo pwned'\ntR.")
+  with pytest.raises(ValueError, match="refusing to unpickle"):
+    index.load_searcher(path)

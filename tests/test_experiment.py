@@ -1,0 +1,95 @@
+"""One tiny end-to-end run of the real program, then resume and refusal checks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ccmr_jax import experiment, files
+from configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  results = experiment.run(tiny.get_config(), workdir)
+  return workdir, results
+
+
+def test_the_run_writes_every_stage_output(finished_run):
+  workdir, results = finished_run
+  for path in ("config.json", "tokenizer.json", "results.json", "report.md", "plots/recall_matrix.png",
+               "plots/task_curves.png", "snapshots/task_00", "snapshots/task_01",
+               "index/snapshot_00/task_00/images", "index/snapshot_01/task_00/captions", "eval/after_task_01.json"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+  arrays = files.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
+  assert arrays["images"].shape[1] == 32 and arrays["captions"].shape[0] == len(arrays["caption_image"])
+  assert json.load(open(os.path.join(workdir, "results.json"))) == json.loads(json.dumps(results))
+
+
+def test_results_hold_both_policies_from_one_run(finished_run):
+  _, results = finished_run
+  assert set(results["policies"]) == {"reindex", "no_reindex"}
+  for policy in results["policies"].values():
+    matrix = policy["mean_r1"]["matrix"]
+    assert len(matrix) == 2 and matrix[0][1] is None and matrix[1][0] is not None
+    for metric in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_r1"):
+      assert {"matrix", "final_average", "forgetting", "bwt"} <= set(policy[metric])
+  reindex, no_reindex = results["policies"]["reindex"], results["policies"]["no_reindex"]
+  for metric in ("i2t_r1", "t2i_r10", "rsum"):
+    # Task 0 after task 0 (and each task just after it is learned): same snapshot, same numbers.
+    assert reindex[metric]["matrix"][0][0] == no_reindex[metric]["matrix"][0][0]
+    assert reindex[metric]["matrix"][1][1] == no_reindex[metric]["matrix"][1][1]
+  # After task 1 the policies embed task 0's gallery with different snapshots.
+  assert reindex["rsum"]["matrix"][1][0] != no_reindex["rsum"]["matrix"][1][0]
+
+
+def test_a_rerun_resumes_and_reproduces_the_numbers(finished_run, tmp_path):
+  workdir, results = finished_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  # As if killed during task 1's training: its snapshot and evaluation are gone.
+  shutil.rmtree(os.path.join(copy, "snapshots", "task_01"))
+  os.remove(os.path.join(copy, "eval", "after_task_01.json"))
+  again = experiment.run(tiny.get_config(), copy)
+  assert [t["task"] for t in again["timings"]] == [1]
+  assert again["policies"] == results["policies"]
+
+
+def test_a_workdir_of_another_config_is_refused(finished_run):
+  workdir, _ = finished_run
+  config = tiny.get_config()
+  config.train.learning_rate = 0.5
+  with pytest.raises(experiment.UserError, match=r"train.learning_rate: workdir has 0.001, this run has 0.5"):
+    experiment.run(config, workdir)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.strategy=bogus", "unknown train.strategy component(s) ['bogus']"),
+    ("--config.train.learning_rate=-1", "train.learning_rate must be positive"),
+    ("--config.loss.name=triplet", "unknown loss.name 'triplet'"),
+    ("--config.data.num_tasks=9", "num_tasks=9 but the dataset has only 5 category groups"),
+    ("--config.train.batch_size=12", "train.batch_size=12 is not divisible by the 8 devices"),
+])
+def test_bad_config_values_stop_with_a_message_and_no_traceback(tmp_path, override, message):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", override,
+                         f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_an_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(experiment.UserError, match="cannot write to workdir"):
+    experiment.run(tiny.get_config(), str(blocker / "sub"))
