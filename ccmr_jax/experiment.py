@@ -100,7 +100,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates the workdir or checks that it belongs to the same config."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")  # one per process: no race
     files.atomic_write_text(probe, "ok")
     os.remove(probe)
   except OSError as e:
@@ -297,12 +297,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_info = {"config": _config_json(config), "tasks": task_info, "devices": jax.device_count(),
               "processes": jax.process_count(), "timings": timings,
               "wall_s_this_invocation": round(time.perf_counter() - start_time, 2)}
+  if jax.process_index() != 0:  # only process 0 queries the indexes: the others hold no metrics
+    return {**run_info, "tasks_trained": len(evaluations)}
   results = report.build_results(evaluations, metrics, run_info)
-  if jax.process_index() == 0:
-    results_path = os.path.join(workdir, "results.json")
-    files.atomic_write_json(results_path, results)
-    plots = report.plot_results(results, workdir)
-    report_path = report.write_report(results, workdir, plots)
-    print("\n" + report.summary_table(results) + "\n")
-    print("wrote:\n  " + "\n  ".join([results_path, report_path, *plots, os.path.join(workdir, "tensorboard")]))
+  results_path = os.path.join(workdir, "results.json")
+  files.atomic_write_json(results_path, results)
+  plots = report.plot_results(results, workdir)
+  report_path = report.write_report(results, workdir, plots)
+  print("\n" + report.summary_table(results) + "\n")
+  print("wrote:\n  " + "\n  ".join([results_path, report_path, *plots, os.path.join(workdir, "tensorboard")]))
   return results

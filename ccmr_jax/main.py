@@ -21,12 +21,16 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where snapshots, inde
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ccmr_jax import experiment  # after flag parsing: keeps --help fast
+  from ccmr_jax import distributed, experiment  # after flag parsing: keeps --help fast
 
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep the run's own progress readable.
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname or record.levelno >= 30)
   try:
+    try:
+      distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
+    except ValueError as e:
+      raise experiment.UserError(str(e)) from e
     experiment.run(_CONFIG.value, _WORKDIR.value)
   except experiment.UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -20,9 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_tasks = 5
   config.data.unlabeled = "drop"
   config.data.scenes = ml_collections.ConfigDict(dict(
-      num_train=6000, num_val=500, num_test=1000, image_size=64, in_family_prob=0.9, seed=0))
+      num_train=20000, num_val=500, num_test=1000, image_size=64, in_family_prob=0.95, seed=0))
 
-  config.tokenizer = ml_collections.ConfigDict(dict(max_length=16, num_oov_buckets=256, min_count=1))
+  config.tokenizer = ml_collections.ConfigDict(dict(max_length=24, num_oov_buckets=256, min_count=1))
 
   config.model = ml_collections.ConfigDict()
   config.model.image_tower = "conv"
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.strategy = "finetune"
   config.train.batch_size = 128
-  config.train.epochs_per_task = 12
+  config.train.epochs_per_task = 6
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 20
   config.train.final_lr_fraction = 0.1

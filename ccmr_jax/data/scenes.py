@@ -14,9 +14,11 @@ tasks by family, so tasks share words and skills (sizes, positions,
 relations, sentence structure, edges and blobs) while each task's
 fine-grained shapes and colour names are its own: learning a new task moves
 the shared features that the old tasks' distinctions rest on.
-Captions are short and often mention only one object, so retrieval within a
-task is not trivial; identical captions of different images do occur and are
-handled by the ground truth in :mod:`ccmr_jax.evaluate`.
+Every caption names every object by colour and shape (sizes, positions and
+relations vary), so retrieval within a task turns on attribute binding;
+scenes that differ only in an object's colour, size or place are common, and
+identical captions of different images do occur: the ground truth in
+:mod:`ccmr_jax.evaluate` handles them.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ FAMILY_PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
     "pointed": {"green": (40, 185, 60), "lime": (170, 235, 40), "olive": (110, 120, 30),
                 "mint": (150, 240, 190), "forest green": (20, 90, 40), "jade": (0, 160, 110)},
     "lines": {"purple": (150, 60, 210), "violet": (205, 120, 245), "magenta": (230, 40, 200),
-              "lavender": (200, 180, 240), "plum": (110, 40, 90), "white": (240, 240, 240)},
-    "symbols": {"grey": (140, 140, 140), "silver": (200, 200, 210), "gold": (215, 170, 40),
-                "beige": (225, 205, 160), "tan": (190, 150, 100), "copper": (185, 95, 50)},
+              "lavender": (200, 180, 240), "plum": (110, 40, 90), "mauve": (175, 125, 160)},
+    "symbols": {"white": (240, 240, 240), "silver": (185, 185, 195), "grey": (125, 125, 125),
+                "cream": (240, 225, 165), "slate": (95, 115, 140), "khaki": (165, 155, 100)},
 }
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 COUNT_WORDS = ("one", "two", "three")
@@ -197,32 +199,41 @@ class _Captioner:
     words.append(self.noun(o))
     return " ".join(words)
 
+  def listing(self, objects: list[_Object], with_position: bool = False) -> str:
+    """Every object as "[size] colour shape [position]", joined as a list."""
+    parts = []
+    for o in objects:
+      text = _article(self.phrase(o, with_size=bool(self.rng.integers(2))))
+      if with_position:
+        text += " " + _position_phrase(o, self.size, self.rng)
+      parts.append(text)
+    if len(parts) == 1:
+      return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
   def one(self) -> str:
-    rng, objs = self.rng, self.objects
-    o = objs[rng.integers(len(objs))]
-    templates = ["plain", "positioned", "there_is", "that_is", "count", "lead_position"]
+    """One caption that names every object (colour and shape, sometimes size and place)."""
+    rng = self.rng
+    objs = [self.objects[i] for i in rng.permutation(len(self.objects))]
+    kinds = ["list", "there_is", "picture", "positions", "count"]
     if len(objs) >= 2:
-      templates += ["relation", "relation", "pair"]
-    kind = templates[rng.integers(len(templates))]
-    if kind == "plain":
-      return _article(self.phrase(o, with_size=True))
-    if kind == "positioned":
-      return f"{_article(self.phrase(o, with_size=bool(rng.integers(2))))} {_position_phrase(o, self.size, rng)}"
+      kinds += ["relation", "relation"]
+    kind = kinds[rng.integers(len(kinds))]
+    if kind == "list":
+      return self.listing(objs)
     if kind == "there_is":
-      return f"there is {_article(self.phrase(o, with_size=True))} {_position_phrase(o, self.size, rng)}"
-    if kind == "that_is":
-      return f"{_article(self.noun(o))} that is {o.colour}"
+      return "there is " + self.listing(objs)
+    if kind == "picture":
+      return _pick(rng, ["a picture of ", "an image of ", "a scene with "]) + self.listing(objs)
+    if kind == "positions":
+      return self.listing(objs, with_position=True)
     if kind == "count":
-      n = COUNT_WORDS[len(objs) - 1]
       what = "shape" if len(objs) == 1 else "shapes"
-      return f"{n} {what} including {_article(self.phrase(o, with_size=False))}"
-    if kind == "lead_position":
-      return f"{_position_phrase(o, self.size, rng)} {_article(self.phrase(o, with_size=True, with_colour=bool(rng.integers(2))))}"
-    i, j = rng.choice(len(objs), size=2, replace=False)
-    a, b = objs[i], objs[j]
-    if kind == "relation":
-      return f"{_article(self.phrase(a, with_size=False))} {_relation(a, b)} {_article(self.phrase(b, with_size=False))}"
-    return f"a picture of {_article(self.phrase(a, with_size=bool(rng.integers(2))))} and {_article(self.phrase(b, with_size=False))}"
+      return f"{COUNT_WORDS[len(objs) - 1]} {what}: " + self.listing(objs)
+    a, b = objs[0], objs[1]
+    text = f"{_article(self.phrase(a, with_size=bool(rng.integers(2))))} {_relation(a, b)} " \
+           f"{_article(self.phrase(b, with_size=bool(rng.integers(2))))}"
+    return text + (" and " + self.listing(objs[2:]) if len(objs) > 2 else "")
 
   def captions(self, count: int) -> list[str]:
     out: list[str] = []
