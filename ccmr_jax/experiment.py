@@ -6,10 +6,14 @@ This is the one module that calls every stage. A workdir holds:
   tokenizer.json                 the tokenizer, fixed before task 0
   snapshots/task_TT/             Orbax snapshot S_t of the encoders
   embeddings/snapshot_SS/task_KK.npz
-                                 task k's test images and captions embedded by S_s
+                                 task k's test images and captions embedded by S_s,
+                                 with the ground-truth links (see README: exported embeddings)
   index/snapshot_SS/task_KK/{images,captions}/
-                                 ScaNN searchers over those embeddings
-  eval/after_task_TT.json        R[t, k] for both policies, every k <= t
+                                 ScaNN searchers over those embeddings (task-aware search)
+  index/union/POLICY/after_task_TT/{images,captions}/
+                                 ScaNN searchers over the union of seen galleries
+                                 as POLICY embeds them (task-agnostic search)
+  eval/after_task_TT.json        R[t, k] for both scopes and policies, every k <= t
   results.json, report.md, plots/*.png, tensorboard/
 
 A rerun of the same command resumes: tasks whose evaluation is written are
@@ -30,9 +34,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ccmr_jax import checkpoint, evaluate, files, index, report, sharding, train
+from ccmr_jax import analysis, checkpoint, evaluate, files, index, report, sharding, train
 from ccmr_jax.continual.strategies import parse_strategy
-from ccmr_jax.data.batches import PairSampler
+from ccmr_jax.data.batches import PairSampler, caption_text_ids
 from ccmr_jax.data.scenes import SceneSpec, make_scenes
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
@@ -63,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise UserError(str(e)) from e
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
-               "eval.batch_size", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
+               "eval.batch_size", "eval.ann_threshold", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
     section, field = path.split(".")
     positive(path, config[section][field])
   if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
@@ -164,35 +168,56 @@ class _TensorBoard:
       self.writer.close()
 
 
+def _union_index_path(workdir: str, policy: str, task: int, gallery: str) -> str:
+  return os.path.join(workdir, "index", "union", policy, f"after_task_{task:02d}", gallery)
+
+
+def _build_and_save_index(embeddings: np.ndarray, path: str, config: ml_collections.ConfigDict) -> None:
+  searcher = index.build_searcher(embeddings, max(config.eval.ks), config.eval.index_mode, config.eval.ann_threshold)
+  index.save_searcher(searcher, path)
+
+
 def _evaluate_after_task(t: int, params, stream: TaskStream, tokenizer: Tokenizer, embedders, workdir: str,
                          config: ml_collections.ConfigDict) -> dict:
-  """Embeds seen test splits with S_t, builds the (S_t, k) indexes, queries both policies."""
+  """Embeds seen test splits with S_t, builds the indexes this snapshot adds, queries both policies.
+
+  Returns ``{scope: {policy: {str(k): metrics}}}`` (empty dicts on processes other than 0).
+  """
   embed_images, embed_texts = embedders
-  queries = {}
-  for k in range(t + 1):
-    test = stream.tasks[k].splits["test"]
-    image_emb = embed_images(params, test.images)
-    caption_emb = embed_texts(params, tokenizer.encode(test.captions))
-    queries[k] = (image_emb, caption_emb)
-    if jax.process_index() == 0:
-      files.atomic_save_npz(_embedding_path(workdir, t, k), images=image_emb, captions=caption_emb,
-                            image_ids=test.image_ids, caption_image=test.caption_image)
-      k_max = max(config.eval.ks)
-      index.save_searcher(index.build_searcher(image_emb, k_max, config.eval.index_mode),
-                          _index_path(workdir, t, k, "images"))
-      index.save_searcher(index.build_searcher(caption_emb, k_max, config.eval.index_mode),
-                          _index_path(workdir, t, k, "captions"))
-  results = {policy: {} for policy in evaluate.POLICIES}
+  tests = [stream.tasks[k].splits["test"] for k in range(t + 1)]
+  current = {}  # task -> (image, caption) embeddings by S_t: the queries, and the reindex galleries
+  for k, test in enumerate(tests):
+    current[k] = (embed_images(params, test.images), embed_texts(params, tokenizer.encode(test.captions)))
+  results = {scope: {policy: {} for policy in evaluate.POLICIES} for scope in evaluate.SCOPES}
   if jax.process_index() != 0:
     return results
-  for k in range(t + 1):
-    truth = evaluate.GroundTruth.from_examples(stream.tasks[k].splits["test"])
-    for policy in evaluate.POLICIES:
+  for k, (image_emb, caption_emb) in current.items():
+    files.atomic_save_npz(_embedding_path(workdir, t, k), images=image_emb, captions=caption_emb,
+                          image_ids=tests[k].image_ids, caption_image=tests[k].caption_image,
+                          caption_text_ids=caption_text_ids(tests[k].captions))
+    _build_and_save_index(image_emb, _index_path(workdir, t, k, "images"), config)
+    _build_and_save_index(caption_emb, _index_path(workdir, t, k, "captions"), config)
+
+  union = evaluate.UnionGallery.from_tasks(tests)
+  for policy in evaluate.POLICIES:
+    gallery_parts = []
+    for k in range(t + 1):
       snapshot = evaluate.snapshot_for_gallery(policy, k, t)
+      truth = evaluate.GroundTruth.from_examples(tests[k])
       image_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "images"))
       caption_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "captions"))
-      results[policy][str(k)] = evaluate.query_gallery(*queries[k], image_searcher, caption_searcher,
-                                                       truth, config.eval.ks)
+      stored = files.load_npz(_embedding_path(workdir, snapshot, k))
+      gallery_parts.append((stored["images"], stored["captions"]))
+      results["task_aware"][policy][str(k)] = evaluate.query_gallery(
+          *current[k], image_searcher, caption_searcher, truth, config.eval.ks, *gallery_parts[-1])
+    union_galleries = [np.concatenate([p[part] for p in gallery_parts]) for part in (0, 1)]
+    for gallery, embeddings in zip(("images", "captions"), union_galleries):
+      _build_and_save_index(embeddings, _union_index_path(workdir, policy, t, gallery), config)
+    image_searcher = index.load_searcher(_union_index_path(workdir, policy, t, "images"))
+    caption_searcher = index.load_searcher(_union_index_path(workdir, policy, t, "captions"))
+    for k in range(t + 1):
+      metrics, _ = union.query(k, *current[k], image_searcher, caption_searcher, config.eval.ks, *union_galleries)
+      results["task_agnostic"][policy][str(k)] = metrics
   return results
 
 
@@ -283,14 +308,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluation = _evaluate_after_task(t, params, stream, tokenizer, embedders, workdir, config)
     if jax.process_index() == 0:
       files.atomic_write_json(_eval_path(workdir, t), evaluation)
-      for policy in evaluate.POLICIES:
-        for k, values in evaluation[policy].items():
-          tensorboard.scalars(t, values, f"eval_{policy}/task_{int(k):02d}")
+      for scope, per_policy in evaluation.items():
+        for policy, per_task in per_policy.items():
+          for k, values in per_task.items():
+            tensorboard.scalars(t, values, f"eval_{scope}_{policy}/task_{int(k):02d}")
     evaluations.append(evaluation)
     timings.append({"task": t, "train_s": round(train_seconds, 2),
                     "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})
     logging.info("task %d done: mean R@1 on it %.2f (%.0fs train, %.0fs eval)", t,
-                 evaluation["reindex"][str(t)][evaluate.HEADLINE] if evaluation["reindex"] else float("nan"),
+                 evaluation["task_aware"]["reindex"].get(str(t), {}).get(evaluate.HEADLINE, float("nan")),
                  timings[-1]["train_s"], timings[-1]["eval_s"])
   tensorboard.close()
 
@@ -300,9 +326,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() != 0:  # only process 0 queries the indexes: the others hold no metrics
     return {**run_info, "tasks_trained": len(evaluations)}
   results = report.build_results(evaluations, metrics, run_info)
+  results["analysis"] = analysis.analyze_workdir(workdir, results["tasks_trained"])
+  results["analysis_summary"] = analysis.summarize_analysis(results["analysis"])
   results_path = os.path.join(workdir, "results.json")
   files.atomic_write_json(results_path, results)
   plots = report.plot_results(results, workdir)
+  plots.append(analysis.plot_analysis(results["analysis"], os.path.join(workdir, "plots", "analysis.png")))
   report_path = report.write_report(results, workdir, plots)
   print("\n" + report.summary_table(results) + "\n")
   print("wrote:\n  " + "\n  ".join([results_path, report_path, *plots, os.path.join(workdir, "tensorboard")]))

@@ -59,3 +59,22 @@ def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
 def load_npz(path: str) -> dict[str, np.ndarray]:
   with np.load(path, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
+
+
+def atomic_save_figure(figure, path: str, dpi: int = 110) -> None:
+  """Saves a matplotlib figure as PNG: drawn to ``path + '.tmp.png'``, then renamed onto ``path``.
+
+  Args:
+    figure: a ``matplotlib.figure.Figure``.
+    path: where the PNG goes; its folder is created if needed.
+    dpi: resolution of the PNG.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  try:
+    figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -4,12 +4,23 @@ The index stage never trains: it takes gallery embeddings (made by whichever
 snapshot the indexing policy names) and writes one searcher per gallery under
 the workdir. Scores are inner products of unit vectors (cosine similarity).
 
-``mode="exact"`` is ScaNN's brute-force scorer in float32: exact top-K. That
-is what results report by default.
+Modes (``config.eval.index_mode``):
+
+  * ``exact``: ScaNN's brute-force scorer in float32, the exact top-K. The
+    default, and what results report unless told otherwise.
+  * ``approximate``: partitioning (a k-means tree with about ``sqrt(N)``
+    leaves) + asymmetric hashing (anisotropic, 2 dimensions per 4-bit block)
+    + exact reordering of the best candidates: ScaNN's recipe for large
+    galleries. Every approximate result is reported with its agreement with
+    exact search (:func:`agreement`).
+  * ``auto``: exact below ``ann_threshold`` gallery items, approximate above.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,11 +28,35 @@ import tempfile
 import numpy as np
 from scann.scann_ops.py import scann_ops_pybind
 
-INDEX_MODES = ("exact",)
+INDEX_MODES = ("exact", "approximate", "auto")
+_INFO_FILE = "ccmr_index.json"
+_MIN_APPROXIMATE_SIZE = 1000
 
 
-def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exact"):
-  """A ScaNN searcher over ``embeddings [N, D]`` (float32 unit vectors)."""
+@dataclasses.dataclass
+class Searcher:
+  """A ScaNN searcher and how it was built."""
+
+  scann: object
+  mode: str  # "exact" or "approximate": what was built
+  size: int
+  settings: dict
+
+
+def approximate_settings(size: int, num_neighbors: int) -> dict:
+  """Tree + AH + reorder settings for a gallery of ``size`` items."""
+  leaves = max(2, int(round(math.sqrt(size))))
+  return {
+      "num_leaves": leaves,
+      "num_leaves_to_search": max(1, int(math.ceil(leaves * 0.05))),
+      "training_sample_size": min(size, 250_000),
+      "reorder": max(10 * num_neighbors, 100),
+  }
+
+
+def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exact",
+                   ann_threshold: int = 100_000) -> Searcher:
+  """A searcher over ``embeddings [N, D]`` (float32 unit vectors)."""
   if mode not in INDEX_MODES:
     raise ValueError(f"unknown index mode {mode!r}; choose one of {list(INDEX_MODES)}")
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -29,17 +64,32 @@ def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exac
     raise ValueError(f"gallery embeddings must be a non-empty [N, D] array, got shape {embeddings.shape}")
   if not np.isfinite(embeddings).all():
     raise ValueError("gallery embeddings contain NaN or Inf")
-  k = min(num_neighbors, len(embeddings))
-  return scann_ops_pybind.builder(embeddings, k, "dot_product").score_brute_force().build()
+  size = len(embeddings)
+  k = min(num_neighbors, size)
+  built = "exact" if mode == "exact" or (mode == "auto" and size < ann_threshold) else "approximate"
+  builder = scann_ops_pybind.builder(embeddings, k, "dot_product")
+  if built == "exact":
+    return Searcher(builder.score_brute_force().build(), "exact", size, {})
+  if size < _MIN_APPROXIMATE_SIZE:
+    raise ValueError(f"approximate search needs at least {_MIN_APPROXIMATE_SIZE} gallery items, got {size}; "
+                     "use eval.index_mode='exact' or 'auto'")
+  settings = approximate_settings(size, k)
+  scann = (builder.tree(num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
+                        training_sample_size=settings["training_sample_size"])
+           .score_ah(2, anisotropic_quantization_threshold=0.2)
+           .reorder(settings["reorder"]).build())
+  return Searcher(scann, "approximate", size, settings)
 
 
-def save_searcher(searcher, path: str) -> str:
+def save_searcher(searcher: Searcher, path: str) -> str:
   """Serializes ``searcher`` to the folder ``path`` (written aside, then renamed)."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp_index_", dir=parent)
   try:
-    searcher.serialize(tmp, relative_path=True)
+    searcher.scann.serialize(tmp, relative_path=True)
+    with open(os.path.join(tmp, _INFO_FILE), "w", encoding="utf-8") as f:
+      json.dump({"mode": searcher.mode, "size": searcher.size, "settings": searcher.settings}, f)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)
@@ -49,26 +99,48 @@ def save_searcher(searcher, path: str) -> str:
   return path
 
 
-def load_searcher(path: str):
+def load_searcher(path: str) -> Searcher:
   """Loads a searcher written by :func:`save_searcher`.
 
   ScaNN unpickles ``scann_docids.pkl`` when a folder has one; this project
   never writes it, so a folder that holds one is refused rather than read
   (unpickling a crafted file would run its code).
   """
-  if not os.path.isfile(os.path.join(path, "scann_assets.pbtxt")):
+  info_path = os.path.join(path, _INFO_FILE)
+  if not os.path.isfile(os.path.join(path, "scann_assets.pbtxt")) or not os.path.isfile(info_path):
     raise FileNotFoundError(f"no ScaNN index at {path}")
   if os.path.exists(os.path.join(path, "scann_docids.pkl")):
     raise ValueError(f"{path} holds scann_docids.pkl, which this project never writes; "
                      "refusing to unpickle it. Delete the folder to rebuild the index.")
   try:
-    return scann_ops_pybind.load_searcher(path)
-  except (RuntimeError, ValueError) as e:
+    with open(info_path, encoding="utf-8") as f:
+      info = json.load(f)
+    return Searcher(scann_ops_pybind.load_searcher(path), info["mode"], int(info["size"]), info["settings"])
+  except (RuntimeError, ValueError, KeyError) as e:
     raise ValueError(f"ScaNN index at {path} is unreadable ({e}); delete the folder to rebuild it") from e
 
 
-def search(searcher, queries: np.ndarray, num_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+def search(searcher: Searcher, queries: np.ndarray, num_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
   """Top-``num_neighbors`` gallery rows and scores for each query, best first."""
   queries = np.ascontiguousarray(queries, dtype=np.float32)
-  rows, scores = searcher.search_batched(queries, final_num_neighbors=num_neighbors)
+  rows, scores = searcher.scann.search_batched(queries, final_num_neighbors=min(num_neighbors, searcher.size))
   return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
+
+
+def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+  """Exact top-``k`` rows by inner product, in numpy (the reference for agreement)."""
+  k = min(k, len(gallery))
+  out = []
+  for start in range(0, len(queries), chunk):
+    scores = queries[start:start + chunk] @ gallery.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+    out.append(np.take_along_axis(top, order, 1))
+  return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def agreement(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+  """Recall of the approximate top-K against the exact top-K: mean |A ∩ E| / K."""
+  k = exact_rows.shape[1]
+  hits = [len(np.intersect1d(a[:k], e)) for a, e in zip(approximate_rows, exact_rows)]
+  return float(np.mean(hits) / k) if hits else 1.0

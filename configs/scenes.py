@@ -47,5 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_clip = 1.0
   config.train.log_every = 20
 
-  config.eval = ml_collections.ConfigDict(dict(ks=(1, 5, 10), batch_size=256, index_mode="exact"))
+  # index_mode: "exact" (ScaNN brute force), "approximate" (tree + AH + reorder, reported with its
+  # agreement with exact search), or "auto" (approximate for galleries of ann_threshold items or more).
+  config.eval = ml_collections.ConfigDict(dict(ks=(1, 5, 10), batch_size=256, index_mode="exact",
+                                               ann_threshold=100_000))
   return config

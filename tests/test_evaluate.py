@@ -72,3 +72,47 @@ def test_continual_summary_formulas():
   assert s["bwt"] == pytest.approx(((30 - 50) + (65 - 60)) / 2)
   one = evaluate.continual_summary(np.array([[42.0]]))
   assert one["forgetting"] is None and one["bwt"] is None and one["final_average"] == 42.0
+
+
+def test_union_gallery_search_counts_only_true_matches_across_tasks():
+  task0 = _examples([["a red circle"], ["a blue square"]])
+  task1 = _examples([["a green star"], ["a red circle"]])  # same text as task 0's first caption
+  union = evaluate.UnionGallery.from_tasks([task0, task1])
+  np.testing.assert_array_equal(union.image_task, [0, 0, 1, 1])
+  np.testing.assert_array_equal(union.caption_task, [0, 0, 1, 1])
+  from ccmr_jax import index
+  gallery_images = np.eye(4, 8, dtype=np.float32)
+  gallery_captions = np.eye(4, 8, dtype=np.float32)
+  # Task 1's queries: image 0 ("green star") points at task 0's "blue square" first, then its own caption;
+  # image 1 ("red circle") points at task 0's "a red circle" caption, an identical text: a hit.
+  image_queries = np.array([[0, 0.9, 0.5, 0, 0, 0, 0, 0], [1, 0, 0, 0.5, 0, 0, 0, 0]], np.float32)
+  caption_queries = np.array([[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]], np.float32)
+  metrics, rows = union.query(1, image_queries, caption_queries, index.build_searcher(gallery_images, 10),
+                              index.build_searcher(gallery_captions, 10), ks=(1, 2))
+  assert rows["i2t"][0, 0] == 1 and rows["i2t"][1, 0] == 0
+  assert metrics["i2t_r1"] == pytest.approx(50.0)
+  assert metrics["i2t_r2"] == pytest.approx(100.0)
+  assert metrics["t2i_r1"] == pytest.approx(100.0)
+
+
+def test_approximate_index_reports_its_agreement_with_exact_search():
+  from ccmr_jax import index
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(50, 32))
+  gallery = (centres[rng.integers(0, 50, 20_000)] + 0.3 * rng.normal(size=(20_000, 32))).astype(np.float32)
+  gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+  queries = gallery[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
+  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+  searcher = index.build_searcher(gallery, 10, mode="auto", ann_threshold=10_000)
+  assert searcher.mode == "approximate"
+  assert index.build_searcher(gallery[:500], 10, mode="auto", ann_threshold=10_000).mode == "exact"
+  rows, _ = index.search(searcher, queries, 10)
+  exact = index.exact_top_k(gallery, queries, 10)
+  value = index.agreement(rows, exact)
+  assert 0.9 <= value <= 1.0
+  assert index.agreement(exact, exact) == 1.0
+  truth = evaluate.GroundTruth.from_captions([f"c{i}" for i in range(20_000)], np.arange(20_000))
+  metrics = evaluate.query_gallery(queries, queries, searcher, searcher, truth, (1, 5, 10), gallery, gallery)
+  assert metrics["ann_agreement"] == pytest.approx(value, abs=1e-6)
+  with pytest.raises(ValueError, match="needs its gallery embeddings"):
+    evaluate.query_gallery(queries, queries, searcher, searcher, truth, (1, 5, 10))

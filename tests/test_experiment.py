@@ -26,7 +26,8 @@ def test_the_run_writes_every_stage_output(finished_run):
   workdir, results = finished_run
   for path in ("config.json", "tokenizer.json", "results.json", "report.md", "plots/recall_matrix.png",
                "plots/task_curves.png", "snapshots/task_00", "snapshots/task_01",
-               "index/snapshot_00/task_00/images", "index/snapshot_01/task_00/captions", "eval/after_task_01.json"):
+               "index/snapshot_00/task_00/images", "index/snapshot_01/task_00/captions",
+               "index/union/no_reindex/after_task_01/images", "eval/after_task_01.json"):
     assert os.path.exists(os.path.join(workdir, path)), path
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
   arrays = files.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
@@ -34,14 +35,31 @@ def test_the_run_writes_every_stage_output(finished_run):
   assert json.load(open(os.path.join(workdir, "results.json"))) == json.loads(json.dumps(results))
 
 
-def test_results_hold_both_policies_from_one_run(finished_run):
+def test_exported_embeddings_recompute_the_reported_recall(finished_run):
+  workdir, results = finished_run
+  from ccmr_jax import evaluate, index
+  for policy, snapshot in (("reindex", 1), ("no_reindex", 0)):
+    gallery = files.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", "task_00.npz"))
+    queries = files.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
+    truth = evaluate.GroundTruth.from_links(gallery["caption_image"], gallery["caption_text_ids"])
+    i2t = index.exact_top_k(gallery["captions"], queries["images"], 10)
+    t2i = index.exact_top_k(gallery["images"], queries["captions"], 10)
+    recomputed = evaluate.retrieval_metrics(i2t, t2i, truth, (1, 5, 10))
+    for metric in ("i2t_r1", "i2t_r10", "t2i_r5", "rsum"):
+      assert recomputed[metric] == pytest.approx(results["policies"][policy][metric]["matrix"][1][0], abs=1e-3)
+
+
+def test_results_hold_both_policies_and_scopes_from_one_run(finished_run):
   _, results = finished_run
-  assert set(results["policies"]) == {"reindex", "no_reindex"}
-  for policy in results["policies"].values():
-    matrix = policy["mean_r1"]["matrix"]
-    assert len(matrix) == 2 and matrix[0][1] is None and matrix[1][0] is not None
-    for metric in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_r1"):
-      assert {"matrix", "final_average", "forgetting", "bwt"} <= set(policy[metric])
+  for key in ("policies", "policies_agnostic"):
+    assert set(results[key]) == {"reindex", "no_reindex"}
+    for policy in results[key].values():
+      matrix = policy["mean_r1"]["matrix"]
+      assert len(matrix) == 2 and matrix[0][1] is None and matrix[1][0] is not None
+      for metric in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_r1"):
+        assert {"matrix", "final_average", "forgetting", "bwt"} <= set(policy[metric])
+  # With one task seen, the union gallery is that task's gallery.
+  assert results["policies_agnostic"]["reindex"]["rsum"]["matrix"][0][0] == results["policies"]["reindex"]["rsum"]["matrix"][0][0]
   reindex, no_reindex = results["policies"]["reindex"], results["policies"]["no_reindex"]
   for metric in ("i2t_r1", "t2i_r10", "rsum"):
     # Task 0 after task 0 (and each task just after it is learned): same snapshot, same numbers.
@@ -61,6 +79,7 @@ def test_a_rerun_resumes_and_reproduces_the_numbers(finished_run, tmp_path):
   again = experiment.run(tiny.get_config(), copy)
   assert [t["task"] for t in again["timings"]] == [1]
   assert again["policies"] == results["policies"]
+  assert again["policies_agnostic"] == results["policies_agnostic"]
 
 
 def test_a_workdir_of_another_config_is_refused(finished_run):

@@ -1,0 +1,299 @@
+"""Compare finished runs: ``python -m ccmr_jax.compare --workdirs=DIR1,DIR2,... --out=DIR``.
+
+Reads each workdir's ``results.json`` and writes to ``--out``:
+
+  compare.md, compare.csv     one row per (run, policy, scope): final averages of
+                              R@1/5/10 both ways, rsum, mean_r1, and the forgetting
+                              and BWT of mean_r1
+  compare_final_mean_r1.png   grouped bars: final average mean_r1, run × policy
+  compare_curves.png          mean_r1 averaged over the seen tasks after each task t
+
+A run is labelled by its strategy (``config.train.strategy``), with the
+workdir's name added when two runs share a strategy. The scope is
+``task_aware`` (``results["policies"]``: each task's own gallery) and, when
+the run has it, ``task_agnostic`` (``results["policies_agnostic"]``: the union
+gallery of all seen tasks). A missing or malformed ``results.json`` stops the
+command with a message naming the workdir and exit status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ccmr_jax import files
+
+# Scope → key of results.json holding {policy: {metric: summary}} for it.
+SCOPES = {"task_aware": "policies", "task_agnostic": "policies_agnostic"}
+FINAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_r1")
+HEADLINE = "mean_r1"
+COLUMNS = ("run", "policy", "scope", "tasks_trained", *FINAL_METRICS, "forgetting_mean_r1", "bwt_mean_r1",
+           "workdir")
+OUTPUT_NAMES = ("compare.md", "compare.csv", "compare_final_mean_r1.png", "compare_curves.png")
+
+
+class CompareError(Exception):
+  """A run that cannot be compared (missing or malformed results); the message names its workdir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One finished run: where it lives and its ``results.json`` document."""
+
+  workdir: str
+  results: dict
+
+  @property
+  def strategy(self) -> str:
+    return self.results["config"]["train"]["strategy"]
+
+  def scopes(self) -> dict[str, dict]:
+    """Scope name → ``{policy: {metric: summary}}``, for the scopes this run has."""
+    return {scope: self.results[key] for scope, key in SCOPES.items() if key in self.results}
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_results(results, where: str) -> None:
+  """Raises :class:`CompareError` unless ``results`` has what the comparison reads."""
+  def fail(what: str):
+    raise CompareError(f"{where} is malformed: {what}; rerun the experiment in that workdir to rewrite it")
+
+  if not isinstance(results, dict):
+    fail("it is not a JSON object")
+  config = results.get("config")
+  train_config = config.get("train") if isinstance(config, dict) else None
+  if not (isinstance(train_config, dict) and isinstance(train_config.get("strategy"), str)):
+    fail("config.train.strategy is missing")
+  num_tasks = results.get("tasks_trained")
+  if not isinstance(num_tasks, int) or num_tasks < 1:
+    fail(f"tasks_trained should be a positive integer, found {num_tasks!r}")
+  if not isinstance(results.get("policies"), dict) or not results["policies"]:
+    fail("it has no 'policies'")
+  for key in SCOPES.values():
+    if not isinstance(results.get(key, {}), dict):
+      fail(f"'{key}' is not an object")
+    for policy, per_metric in results.get(key, {}).items():
+      headline = per_metric.get(HEADLINE) if isinstance(per_metric, dict) else None
+      if not isinstance(headline, dict):
+        fail(f"{key}.{policy} has no {HEADLINE}")
+      matrix = headline.get("matrix")
+      if not (isinstance(matrix, list) and len(matrix) == num_tasks
+              and all(isinstance(row, list) and len(row) == num_tasks for row in matrix)):
+        fail(f"{key}.{policy}.{HEADLINE}.matrix should be {num_tasks}×{num_tasks}")
+      if not all(_is_number(row[k]) for t, row in enumerate(matrix) for k in range(t + 1)):
+        fail(f"{key}.{policy}.{HEADLINE}.matrix has a missing value on or below the diagonal")
+      for metric, summary in per_metric.items():
+        if not (isinstance(summary, dict) and _is_number(summary.get("final_average"))):
+          fail(f"{key}.{policy}.{metric} has no numeric final_average")
+
+
+def load_run(workdir: str) -> Run:
+  """Reads and checks ``workdir/results.json``.
+
+  Args:
+    workdir: a run's workdir.
+
+  Returns:
+    The :class:`Run`.
+
+  Raises:
+    CompareError: the file is missing, unreadable or lacks what the comparison needs.
+  """
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise CompareError(f"workdir {workdir} has no results.json; it is written when a run has evaluated its tasks")
+  try:
+    results = files.read_json(path)
+  except (OSError, ValueError) as e:
+    raise CompareError(f"cannot read {path}: {e}") from e
+  _check_results(results, path)
+  return Run(workdir, results)
+
+
+def load_runs(workdirs: Sequence[str]) -> list[Run]:
+  """:func:`load_run` of each workdir; refuses an empty list and a workdir named twice."""
+  if not workdirs:
+    raise CompareError("no workdir given; pass --workdirs=DIR1,DIR2,...")
+  seen = set()
+  for workdir in workdirs:
+    real = os.path.realpath(workdir)
+    if real in seen:
+      raise CompareError(f"workdir {workdir} is given twice")
+    seen.add(real)
+  return [load_run(workdir) for workdir in workdirs]
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+  """Each run's strategy; where two runs share one, plus the workdir's name (or its path, if that is shared too)."""
+  strategies = [run.strategy for run in runs]
+  labels = [s if strategies.count(s) == 1 else f"{s} ({os.path.basename(os.path.normpath(run.workdir))})"
+            for s, run in zip(strategies, runs)]
+  return [label if labels.count(label) == 1 else f"{run.strategy} ({run.workdir})"
+          for label, run in zip(labels, runs)]
+
+
+def seen_task_average(matrix: list[list]) -> list[float]:
+  """``a[t] = (1/(t+1)) Σ_{k<=t} R[t][k]``: the average over the seen tasks after each task ``t``."""
+  return [float(np.mean(row[: t + 1])) for t, row in enumerate(matrix)]
+
+
+def comparison_rows(runs: Sequence[Run]) -> list[dict]:
+  """One row per (run, scope, policy), columns :data:`COLUMNS`.
+
+  Metric columns hold the final average ``(1/T) Σ_k R[T-1][k]``; the last two
+  the forgetting and BWT of ``mean_r1`` (see ``evaluate.continual_summary``).
+  A metric a run did not record (other ``eval.ks``), and forgetting and BWT
+  of a one-task run, are ``None``.
+
+  Args:
+    runs: the runs, in the order to list them.
+
+  Returns:
+    A list of dicts keyed by :data:`COLUMNS`.
+  """
+  rows = []
+  for label, run in zip(run_labels(runs), runs):
+    for scope, policies in run.scopes().items():
+      for policy, per_metric in policies.items():
+        row = {"run": label, "policy": policy, "scope": scope, "tasks_trained": run.results["tasks_trained"]}
+        for metric in FINAL_METRICS:
+          row[metric] = per_metric[metric]["final_average"] if metric in per_metric else None
+        row["forgetting_mean_r1"] = per_metric[HEADLINE].get("forgetting")
+        row["bwt_mean_r1"] = per_metric[HEADLINE].get("bwt")
+        row["workdir"] = run.workdir
+        rows.append(row)
+  return rows
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "—"
+  return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(runs: Sequence[Run], rows: list[dict]) -> str:
+  metric_columns = [c for c in COLUMNS if c != "workdir"]
+  lines = ["# Comparison of runs", "",
+           "Final average = mean over tasks k of R[T-1][k]; forgetting and BWT of mean_r1 = (i2t R@1 + t2i R@1)/2 "
+           "(see each run's report.md for the definitions). Scope task_aware searches each task's own gallery; "
+           "task_agnostic the union gallery of all seen tasks.", ""]
+  if len({run.results["tasks_trained"] for run in runs}) > 1:
+    lines += ["**Note:** the runs trained different numbers of tasks; their final averages are not comparable.", ""]
+  if len({repr(run.results["config"].get("data")) for run in runs}) > 1:
+    lines += ["**Note:** the runs use different data configs; their task streams may differ.", ""]
+  lines += ["| " + " | ".join(metric_columns) + " |", "|---|---|---|" + "---:|" * (len(metric_columns) - 3)]
+  lines += ["| " + " | ".join(_fmt(row[c]) for c in metric_columns) + " |" for row in rows]
+  lines += ["", "| run | workdir |", "|---|---|"]
+  lines += [f"| {label} | `{run.workdir}` |" for label, run in zip(run_labels(runs), runs)]
+  lines += ["", "![final mean_r1](compare_final_mean_r1.png)", "", "![mean_r1 over seen tasks](compare_curves.png)"]
+  return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({c: "" if row[c] is None else row[c] for c in COLUMNS})
+  return buffer.getvalue()
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  figure = Figure(figsize=(width, height))
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _plot_final_bars(runs: Sequence[Run], rows: list[dict], path: str) -> None:
+  labels = run_labels(runs)
+  series = list(dict.fromkeys((row["policy"], row["scope"]) for row in rows))
+  value = {(row["run"], row["policy"], row["scope"]): row[HEADLINE] for row in rows}
+  figure = _new_figure(max(5.0, 1.2 + 0.5 * len(labels) * len(series)), 4.0)
+  ax = figure.subplots()
+  width = 0.8 / len(series)
+  for i, (policy, scope) in enumerate(series):
+    xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
+    heights = [value.get((label, policy, scope), np.nan) for label in labels]
+    bars = ax.bar(xs, heights, width, label=f"{policy}, {scope}")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+  ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
+  ax.set_ylabel("final average mean_r1")
+  ax.set_title("final average of mean_r1 over all tasks")
+  ax.legend(fontsize=7)
+  ax.grid(axis="y", alpha=0.3)
+  files.atomic_save_figure(figure, path)
+
+
+def _plot_curves(runs: Sequence[Run], path: str) -> None:
+  labels = run_labels(runs)
+  scopes = list(dict.fromkeys(scope for run in runs for scope in run.scopes()))
+  figure = _new_figure(5.2 * len(scopes), 4.0)
+  axes = figure.subplots(1, len(scopes), squeeze=False, sharey=True)[0]
+  styles = ["-", "--", ":", "-."]
+  for ax, scope in zip(axes, scopes):
+    for color, (label, run) in enumerate(zip(labels, runs)):
+      for style, (policy, per_metric) in enumerate(run.scopes().get(scope, {}).items()):
+        curve = seen_task_average(per_metric[HEADLINE]["matrix"])
+        ax.plot(range(len(curve)), curve, styles[style % len(styles)], color=f"C{color}", marker="o",
+                label=f"{label}, {policy}")
+    ax.set_title(f"{scope}: mean_r1 averaged over seen tasks")
+    ax.set_xlabel("after training task t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_xticks(range(max(run.results["tasks_trained"] for run in runs)))
+  axes[0].set_ylabel("mean over k <= t of R[t][k]")
+  files.atomic_save_figure(figure, path)
+
+
+def write_comparison(runs: Sequence[Run], out_dir: str) -> list[str]:
+  """Writes compare.md, compare.csv and the two plots into ``out_dir``.
+
+  Args:
+    runs: loaded runs (:func:`load_runs`), in the order to list them.
+    out_dir: the folder to write; created if needed.
+
+  Returns:
+    The paths written, in the order of :data:`OUTPUT_NAMES`.
+  """
+  rows = comparison_rows(runs)
+  paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
+  files.atomic_write_text(paths[0], _markdown(runs, rows))
+  files.atomic_write_text(paths[1], _csv(rows))
+  _plot_final_bars(runs, rows, paths[2])
+  _plot_curves(runs, paths[3])
+  return paths
+
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated workdirs of finished runs.")
+_OUT = flags.DEFINE_string("out", None, "Folder for compare.md, compare.csv and the plots.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    paths = write_comparison(load_runs(_WORKDIRS.value), _OUT.value)
+  except CompareError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    print(f"error: cannot write to --out={_OUT.value}: {e.strerror or e}", file=sys.stderr)
+    sys.exit(2)
+  print("wrote:\n  " + "\n  ".join(paths))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdirs", "out"])
+  app.run(main)

@@ -1,0 +1,128 @@
+"""Comparing runs from hand-made results.json files."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ccmr_jax import compare, evaluate, files, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = evaluate.metric_names((1, 5, 10))
+
+
+def _results(strategy, base, agnostic_base=None):
+  """A results document of two tasks in which metric number i of R[t][k] is ``base[policy][t][k] + i``.
+
+  Task-agnostic results come from ``agnostic_base``; without it the document has none, as older runs.
+  """
+  def per_policy(values, t):
+    return {policy: {str(k): {m: values[policy][t][k] + i for i, m in enumerate(METRICS)} for k in range(t + 1)}
+            for policy in evaluate.POLICIES}
+
+  evaluations = [{"task_aware": per_policy(base, t), "task_agnostic": per_policy(agnostic_base or base, t)}
+                 for t in range(2)]
+  run_info = {"config": {"data": {"source": "scenes"}, "train": {"strategy": strategy}},
+              "tasks": [{"index": k, "name": f"t{k}", "categories": [], "counts": {}} for k in range(2)]}
+  results = report.build_results(evaluations, METRICS, run_info)
+  if agnostic_base is None:
+    del results["policies_agnostic"]
+  return results
+
+
+# mean_r1 (metric 7) after task 1: reindex [30, 60] + 7, no_reindex [40, 60] + 7.
+BASE = {"reindex": [[50], [30, 60]], "no_reindex": [[50], [40, 60]]}
+AGNOSTIC = {"reindex": [[40], [20, 50]], "no_reindex": [[40], [30, 50]]}
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+  paths = []
+  for name, results in (("a", _results("finetune", BASE)), ("b", _results("finetune", BASE, AGNOSTIC))):
+    path = str(tmp_path / name)
+    files.atomic_write_json(os.path.join(path, "results.json"), results)
+    paths.append(path)
+  return paths
+
+
+def test_rows_hold_final_averages_forgetting_and_bwt(workdirs):
+  rows = compare.comparison_rows(compare.load_runs(workdirs))
+  assert [(r["run"], r["scope"], r["policy"]) for r in rows] == [
+      ("finetune (a)", "task_aware", "reindex"), ("finetune (a)", "task_aware", "no_reindex"),
+      ("finetune (b)", "task_aware", "reindex"), ("finetune (b)", "task_aware", "no_reindex"),
+      ("finetune (b)", "task_agnostic", "reindex"), ("finetune (b)", "task_agnostic", "no_reindex")]
+  reindex, no_reindex, agnostic = rows[0], rows[1], rows[4]
+  assert reindex["i2t_r1"] == pytest.approx(45.0)  # (30 + 60) / 2 + 0
+  assert reindex["t2i_r10"] == pytest.approx(50.0)  # + 5
+  assert reindex["mean_r1"] == pytest.approx(52.0)  # + 7
+  assert reindex["forgetting_mean_r1"] == pytest.approx(20.0) and reindex["bwt_mean_r1"] == pytest.approx(-20.0)
+  assert no_reindex["mean_r1"] == pytest.approx(57.0)
+  assert no_reindex["forgetting_mean_r1"] == pytest.approx(10.0)
+  assert agnostic["mean_r1"] == pytest.approx(42.0) and agnostic["bwt_mean_r1"] == pytest.approx(-20.0)
+  assert reindex["tasks_trained"] == 2 and reindex["workdir"] == workdirs[0]
+
+
+def test_labels_are_strategies_unless_two_runs_share_one():
+  runs = [compare.Run("x/one", _results("finetune", BASE)), compare.Run("x/two", _results("ewc", BASE)),
+          compare.Run("y/two", _results("ewc", BASE))]
+  assert compare.run_labels(runs) == ["finetune", "ewc (x/two)", "ewc (y/two)"]
+  assert compare.run_labels(runs[:2]) == ["finetune", "ewc"]
+
+
+def test_seen_task_average():
+  assert compare.seen_task_average([[50, None], [30, 60]]) == [50.0, 45.0]
+
+
+def test_write_comparison_writes_tables_and_plots(workdirs, tmp_path):
+  out = str(tmp_path / "out")
+  paths = compare.write_comparison(compare.load_runs(workdirs), out)
+  assert [os.path.basename(p) for p in paths] == list(compare.OUTPUT_NAMES)
+  with open(paths[1], newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 6 and list(rows[0]) == list(compare.COLUMNS)
+  assert float(rows[1]["mean_r1"]) == pytest.approx(57.0)
+  markdown = open(paths[0]).read()
+  assert "| finetune (a) | no_reindex | task_aware | 2 | 50.00 |" in markdown
+  assert "compare_curves.png" in markdown
+  for png in paths[2:]:
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.listdir(out)) == sorted(compare.OUTPUT_NAMES)  # no temporary files left
+
+
+def test_malformed_results_name_the_workdir(workdirs, tmp_path):
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "results.json").write_text("{not json")
+  with pytest.raises(compare.CompareError, match=f"cannot read {broken}"):
+    compare.load_run(str(broken))
+  files.atomic_write_json(str(broken / "results.json"), {"config": {"train": {"strategy": "x"}}, "tasks_trained": 1})
+  with pytest.raises(compare.CompareError, match="malformed: it has no 'policies'"):
+    compare.load_run(str(broken))
+  with pytest.raises(compare.CompareError, match="given twice"):
+    compare.load_runs([workdirs[0], workdirs[0] + "/"])
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "ccmr_jax.compare", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_the_command_refuses_a_workdir_without_results(workdirs, tmp_path):
+  missing = str(tmp_path / "never_ran")
+  proc = _cli(f"--workdirs={workdirs[0]},{missing}", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"error: workdir {missing} has no results.json" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_the_command_writes_the_comparison(workdirs, tmp_path):
+  proc = _cli(f"--workdirs={','.join(workdirs)}", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.path.isfile(tmp_path / "out" / "compare.md") and "wrote:" in proc.stdout
+
+
+def test_scopes_are_read_from_the_keys_report_writes():
+  assert compare.SCOPES == report.RESULT_KEYS
