@@ -36,8 +36,10 @@ def test_objects_are_drawn_and_captions_name_them():
   train = data.splits["train"]
   _, _, synonyms = category_table()
   for row in range(20):
-    # Objects are painted in saturated colours over a dark background.
-    assert train.images[row].max() > 150
+    # Objects are painted in flat colours over a noisy background: many pixels stand far from it.
+    image = train.images[row].astype(int)
+    background = np.median(image.reshape(-1, 3), axis=0)
+    assert (np.abs(image - background).max(-1) > 30).sum() >= 15
     words = " ".join(normalize_caption(train.captions[i]) for i in np.flatnonzero(train.caption_image == row))
     assert any(s in words for label in train.labels[row] for s in synonyms[label])
 

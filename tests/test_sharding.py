@@ -1,7 +1,6 @@
 """The same global batch gives the same step on 1 device and on 8 devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,28 +24,26 @@ def _run(mesh):
       jax.random.key(0), batches[0]["image"][:1], batches[0]["tokens"][:1])
   loss_fn = train.make_loss_fn(model, config.loss)
   grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))(params, sharding.to_global(batches[0], mesh))
-  out = {"grads": jax.device_get(grads)}
-  # The real optimizer (AdamW) for the loss trajectory; plain SGD for the parameters, since
-  # Adam's 1/sqrt(v) turns reduction-order noise in near-zero gradients into visible steps.
-  for name, optimizer in (("adamw", train.make_optimizer(config.train)),
-                          ("sgd", optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)))):
-    state = train.init_state(jax.tree.map(jnp.copy, params), optimizer, mesh)  # steps donate the state
-    step = train.make_train_step(loss_fn, optimizer, mesh)
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, sharding.to_global(batch, mesh), np.float32(1e-3 if name == "adamw" else 0.1))
-      losses.append(float(metrics["loss"]))
-    out[name] = (losses, jax.device_get(state.params))
-  return out
+  # Plain SGD, not AdamW: Adam's 1/sqrt(v) turns reduction-order noise in near-zero gradients
+  # into visible parameter steps, which would hide real disagreements behind a loose tolerance.
+  # (tests/test_multihost.py compares whole runs with the real optimizer.)
+  optimizer = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+  state = train.init_state(params, optimizer, mesh)
+  step = train.make_train_step(loss_fn, optimizer, mesh)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, sharding.to_global(batch, mesh), np.float32(0.1))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(grads), losses, jax.device_get(state.params)
 
 
 def test_one_device_and_eight_devices_agree(devices):
-  one, eight = _run(sharding.make_mesh(devices[:1])), _run(sharding.make_mesh(devices))
-  for a, b in zip(jax.tree.leaves(one["grads"]), jax.tree.leaves(eight["grads"])):
+  grads1, losses1, params1 = _run(sharding.make_mesh(devices[:1]))
+  grads8, losses8, params8 = _run(sharding.make_mesh(devices))
+  for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-  np.testing.assert_allclose(one["adamw"][0], eight["adamw"][0], rtol=1e-5)
-  np.testing.assert_allclose(one["sgd"][0], eight["sgd"][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one["sgd"][1]), jax.tree.leaves(eight["sgd"][1])):
+  np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -487,15 +487,15 @@ def _ewc_consolidate(state: EWCState, params: PyTree, importance: PyTree) -> EWC
   )
 
 
+def _weighted_anchor_penalty(params: PyTree, weights: PyTree, anchor: PyTree, strength: jax.Array,
+                             num_tasks: jax.Array) -> jax.Array:
+  """``strength / 2 * sum_i w_i (theta_i - theta*_i)^2``, zero before the first consolidation."""
+  sq = jax.tree.map(lambda p, w, a: _wide(w) * jnp.square(_wide(p) - _wide(a)), params, weights, anchor)
+  return jnp.where(num_tasks > 0, 0.5 * strength * _tree_sum(sq), 0.0)
+
+
 def _online_ewc_penalty(state: OnlineEWCState, params: PyTree) -> jax.Array:
-  sq = jax.tree.map(
-      lambda p, f, a: _wide(f) * jnp.square(_wide(p) - _wide(a)),
-      params,
-      state.fisher,
-      state.anchor,
-  )
-  val = 0.5 * state.strength * _tree_sum(sq)
-  return jnp.where(state.num_tasks > 0, val, 0.0)
+  return _weighted_anchor_penalty(params, state.fisher, state.anchor, state.strength, state.num_tasks)
 
 
 def _online_ewc_consolidate(state: OnlineEWCState, params: PyTree, importance: PyTree) -> OnlineEWCState:
@@ -574,14 +574,7 @@ def mas(strength: float) -> optax.GradientTransformationExtraArgs:
 
 
 def _mas_penalty(state: MASState, params: PyTree) -> jax.Array:
-  sq = jax.tree.map(
-      lambda p, o, a: _wide(o) * jnp.square(_wide(p) - _wide(a)),
-      params,
-      state.importance,
-      state.anchor,
-  )
-  val = 0.5 * state.strength * _tree_sum(sq)
-  return jnp.where(state.num_tasks > 0, val, 0.0)
+  return _weighted_anchor_penalty(params, state.importance, state.anchor, state.strength, state.num_tasks)
 
 
 def _mas_consolidate(state: MASState, params: PyTree, importance: PyTree) -> MASState:
