@@ -210,7 +210,7 @@ def _embedding_loader(workdir: str) -> Callable[[int, int], dict]:
   def load(snapshot: int, task: int) -> dict:
     if (snapshot, task) not in cache:
       path = os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz")
-      if not os.path.isfile(path):
+      if not files.exists(path):
         raise FileNotFoundError(f"{path} is missing: the analysis needs task {task}'s test embeddings by "
                                 f"snapshot {snapshot}; rerun the experiment in this workdir to write them")
       arrays = files.load_npz(path)

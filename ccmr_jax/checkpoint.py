@@ -2,8 +2,9 @@
 
 A snapshot ``S_t`` holds the dual encoder's params right after training task
 ``t`` and is restorable on its own into the model's abstract params. Orbax
-writes into a temporary folder and renames it when complete, so a snapshot
-folder that exists is whole.
+writes into a temporary folder and renames it when complete (on cloud
+storage it marks completion instead), so a snapshot folder that exists is
+whole. Workdirs may be local or ``gs://``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import re
 import jax
 import orbax.checkpoint as ocp
 
+from ccmr_jax import files
+
 _SNAPSHOT = re.compile(r"^task_(\d+)$")
 
 
 def snapshot_dir(workdir: str, task: int) -> str:
-  return os.path.join(os.path.abspath(workdir), "snapshots", f"task_{task:02d}")
+  return os.path.join(files.absolute(workdir), "snapshots", f"task_{task:02d}")
 
 
 def save_snapshot(workdir: str, task: int, params) -> str:
@@ -40,7 +43,7 @@ def restore_snapshot(workdir: str, task: int, abstract_params):
       made by another model configuration).
   """
   path = snapshot_dir(workdir, task)
-  if not os.path.isdir(path):
+  if not files.is_dir(path):
     raise FileNotFoundError(f"no snapshot for task {task} at {path}")
   checkpointer = ocp.StandardCheckpointer()
   try:
@@ -54,10 +57,10 @@ def restore_snapshot(workdir: str, task: int, abstract_params):
 
 def completed_snapshots(workdir: str) -> list[int]:
   """Task indices with a complete snapshot, sorted."""
-  root = os.path.join(os.path.abspath(workdir), "snapshots")
-  if not os.path.isdir(root):
+  root = os.path.join(files.absolute(workdir), "snapshots")
+  if not files.is_dir(root):
     return []
-  found = (_SNAPSHOT.match(name) for name in os.listdir(root))
+  found = (_SNAPSHOT.match(name) for name in files.listdir(root))
   return sorted(int(m.group(1)) for m in found if m)
 
 

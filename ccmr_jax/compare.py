@@ -112,7 +112,7 @@ def load_run(workdir: str) -> Run:
     CompareError: the file is missing, unreadable or lacks what the comparison needs.
   """
   path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
+  if not files.exists(path):
     raise CompareError(f"workdir {workdir} has no results.json; it is written when a run has evaluated its tasks")
   try:
     results = files.read_json(path)
@@ -128,7 +128,7 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
     raise CompareError("no workdir given; pass --workdirs=DIR1,DIR2,...")
   seen = set()
   for workdir in workdirs:
-    real = os.path.realpath(workdir)
+    real = files.absolute(workdir).rstrip("/")
     if real in seen:
       raise CompareError(f"workdir {workdir} is given twice")
     seen.add(real)

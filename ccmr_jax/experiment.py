@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -103,15 +104,15 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates the workdir or checks that it belongs to the same config."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")  # one per process: no race
     files.atomic_write_text(probe, "ok")
-    os.remove(probe)
+    files.remove(probe)
   except OSError as e:
-    raise UserError(f"cannot write to workdir {workdir}: {e.strerror}; choose another --workdir") from e
+    raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}; choose another --workdir") from e
   path = os.path.join(workdir, "config.json")
   new = _config_json(config)
-  if os.path.exists(path):
+  if files.exists(path):
     differences = _config_differences(files.read_json(path), new)
     if differences:
       raise UserError(f"workdir {workdir} holds a run with another config:\n  " + "\n  ".join(differences)
@@ -123,12 +124,11 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer of ``workdir``, or a new one from task 0's training captions only."""
   path = os.path.join(workdir, "tokenizer.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      try:
-        return Tokenizer.from_json(f.read())
-      except ValueError as e:
-        raise UserError(f"{path}: {e}; delete the workdir to start over") from e
+  if files.exists(path):
+    try:
+      return Tokenizer.from_json(files.read_text(path))
+    except ValueError as e:
+      raise UserError(f"{path}: {e}; delete the workdir to start over") from e
   tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
                               config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
   if jax.process_index() == 0:
@@ -149,13 +149,19 @@ def _index_path(workdir: str, snapshot: int, task: int, gallery: str) -> str:
 
 
 class _TensorBoard:
-  """Scalars to ``workdir/tensorboard`` (process 0 only)."""
+  """Scalars to ``workdir/tensorboard`` (process 0 only).
+
+  For a cloud workdir the event files are written locally and uploaded by
+  :meth:`sync` (after every task, and at the end).
+  """
 
   def __init__(self, workdir: str):
     self.writer = None
+    self.target = os.path.join(workdir, "tensorboard")
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.local = tempfile.mkdtemp(prefix="ccmr_tensorboard_") if files.is_remote(workdir) else self.target
+      self.writer = SummaryWriter(self.local)
 
   def scalars(self, step: int, values: dict, prefix: str) -> None:
     if self.writer is not None:
@@ -163,9 +169,16 @@ class _TensorBoard:
         self.writer.add_scalar(f"{prefix}/{name}", value, step)
       self.writer.flush()
 
+  def sync(self) -> None:
+    if self.writer is not None and self.local != self.target:
+      for name in os.listdir(self.local):
+        with open(os.path.join(self.local, name), "rb") as f:
+          files.atomic_write_bytes(os.path.join(self.target, name), f.read())
+
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+      self.sync()
 
 
 def _union_index_path(workdir: str, policy: str, task: int, gallery: str) -> str:
@@ -237,7 +250,7 @@ def _log_stream(stream: TaskStream) -> list[dict]:
 
 def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
   t = 0
-  while t < num_tasks and os.path.exists(_eval_path(workdir, t)):
+  while t < num_tasks and files.exists(_eval_path(workdir, t)):
     t += 1
   return t
 
@@ -312,6 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for policy, per_task in per_policy.items():
           for k, values in per_task.items():
             tensorboard.scalars(t, values, f"eval_{scope}_{policy}/task_{int(k):02d}")
+      tensorboard.sync()
     evaluations.append(evaluation)
     timings.append({"task": t, "train_s": round(train_seconds, 2),
                     "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})

@@ -1,8 +1,16 @@
-"""Whole-or-absent file writes: write beside the target, then rename.
+"""The workdir's file layer: whole-or-absent writes, local or on cloud storage.
 
-A reader never sees a half-written file: either the old content (or nothing)
-or the complete new one. Arrays are stored as ``.npz`` without pickled
-objects, and read back with ``allow_pickle=False``.
+Every file the program writes goes through here, so a workdir may be a local
+folder or a ``gs://`` (or ``s3://``) prefix (through ``etils.epath``; cloud
+storage needs ``gcsfs``/``s3fs``, see the ``gcs`` extra). Orbax snapshots take
+the same paths natively.
+
+Whole or absent: a local file is written beside its target and renamed onto
+it; a cloud object is uploaded in one request, which its store commits whole.
+A folder (a ScaNN index) is marked complete by the file written last (see
+:func:`upload_folder`). A reader never sees a half-written file. Arrays are
+stored as ``.npz`` without pickled objects and read back with
+``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -13,9 +21,46 @@ import os
 import tempfile
 
 import numpy as np
+from etils import epath
+
+_REMOTE_PREFIXES = ("gs://", "s3://")
+
+
+def is_remote(path) -> bool:
+  return str(path).startswith(_REMOTE_PREFIXES)
+
+
+def absolute(path: str) -> str:
+  """``path`` made absolute when local; cloud paths are already absolute."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def is_dir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  return sorted(p.name for p in epath.Path(path).iterdir())
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
+  if is_remote(path):
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
@@ -39,12 +84,19 @@ def atomic_write_json(path: str, obj) -> None:
   atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode("utf-8")
+
+
 def read_json(path: str):
-  with open(path, "r", encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
+  try:
+    return json.loads(read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
 
 
 def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
@@ -57,24 +109,52 @@ def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as data:
-    return {k: data[k] for k in data.files}
+  try:
+    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"{path} is not a readable .npz of plain arrays ({e}); delete it to recompute it") from e
 
 
 def atomic_save_figure(figure, path: str, dpi: int = 110) -> None:
-  """Saves a matplotlib figure as PNG: drawn to ``path + '.tmp.png'``, then renamed onto ``path``.
+  """Saves a matplotlib figure as a PNG at ``path``, whole or not at all."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+  atomic_write_bytes(path, buffer.getvalue())
 
-  Args:
-    figure: a ``matplotlib.figure.Figure``.
-    path: where the PNG goes; its folder is created if needed.
-    dpi: resolution of the PNG.
+
+def upload_folder(local_folder: str, path: str, last: str) -> None:
+  """Puts the files of ``local_folder`` at ``path``; the file named ``last`` is written last.
+
+  Locally the whole folder is renamed into place (replacing an older one).
+  On cloud storage the files are uploaded one by one with ``last`` at the
+  end, so a reader that checks for ``last`` never takes a partial folder.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  try:
-    figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  if not is_remote(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    try:
+      for name in os.listdir(local_folder):
+        os.replace(os.path.join(local_folder, name), os.path.join(staged, name))
+      if os.path.exists(path):
+        epath.Path(path).rmtree()
+      os.replace(staged, path)
+    finally:
+      if os.path.exists(staged):
+        epath.Path(staged).rmtree()
+    return
+  target = epath.Path(path)
+  if target.exists():
+    target.rmtree()
+  target.mkdir(parents=True, exist_ok=True)
+  names = sorted(os.listdir(local_folder), key=lambda name: name == last)
+  for name in names:
+    (target / name).write_bytes(epath.Path(local_folder, name).read_bytes())
+
+
+def download_folder(path: str, local_folder: str) -> None:
+  """Copies the files of ``path`` (local or cloud) into ``local_folder``."""
+  for name in listdir(path):
+    with open(os.path.join(local_folder, name), "wb") as f:
+      f.write(read_bytes(os.path.join(path, name)))

@@ -22,11 +22,12 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 
 import numpy as np
 from scann.scann_ops.py import scann_ops_pybind
+
+from ccmr_jax import files
 
 INDEX_MODES = ("exact", "approximate", "auto")
 _INFO_FILE = "ccmr_index.json"
@@ -82,20 +83,12 @@ def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exac
 
 
 def save_searcher(searcher: Searcher, path: str) -> str:
-  """Serializes ``searcher`` to the folder ``path`` (written aside, then renamed)."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp_index_", dir=parent)
-  try:
-    searcher.scann.serialize(tmp, relative_path=True)
-    with open(os.path.join(tmp, _INFO_FILE), "w", encoding="utf-8") as f:
+  """Serializes ``searcher`` to the folder ``path`` (local or cloud), whole or absent."""
+  with tempfile.TemporaryDirectory(prefix="ccmr_index_") as local:
+    searcher.scann.serialize(local, relative_path=True)
+    with open(os.path.join(local, _INFO_FILE), "w", encoding="utf-8") as f:
       json.dump({"mode": searcher.mode, "size": searcher.size, "settings": searcher.settings}, f)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    files.upload_folder(local, path, last=_INFO_FILE)
   return path
 
 
@@ -107,15 +100,20 @@ def load_searcher(path: str) -> Searcher:
   (unpickling a crafted file would run its code).
   """
   info_path = os.path.join(path, _INFO_FILE)
-  if not os.path.isfile(os.path.join(path, "scann_assets.pbtxt")) or not os.path.isfile(info_path):
+  if not files.exists(info_path) or not files.exists(os.path.join(path, "scann_assets.pbtxt")):
     raise FileNotFoundError(f"no ScaNN index at {path}")
-  if os.path.exists(os.path.join(path, "scann_docids.pkl")):
+  if files.exists(os.path.join(path, "scann_docids.pkl")):
     raise ValueError(f"{path} holds scann_docids.pkl, which this project never writes; "
                      "refusing to unpickle it. Delete the folder to rebuild the index.")
   try:
-    with open(info_path, encoding="utf-8") as f:
-      info = json.load(f)
-    return Searcher(scann_ops_pybind.load_searcher(path), info["mode"], int(info["size"]), info["settings"])
+    info = files.read_json(info_path)
+    if files.is_remote(path):
+      with tempfile.TemporaryDirectory(prefix="ccmr_index_") as local:
+        files.download_folder(path, local)
+        scann = scann_ops_pybind.load_searcher(local)
+    else:
+      scann = scann_ops_pybind.load_searcher(path)
+    return Searcher(scann, info["mode"], int(info["size"]), info["settings"])
   except (RuntimeError, ValueError, KeyError) as e:
     raise ValueError(f"ScaNN index at {path} is unreadable ({e}); delete the folder to rebuild it") from e
 

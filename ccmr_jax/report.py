@@ -148,11 +148,8 @@ def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
 
 
 def _save_figure(fig, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  files.atomic_save_figure(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def plot_results(results: dict, workdir: str, metric: str = evaluate.HEADLINE) -> list[str]:

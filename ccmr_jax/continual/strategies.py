@@ -2,24 +2,153 @@
 
 A strategy name is one component or several joined by ``+`` (for example
 ``ewc+replay``). This module turns the name into the pieces the training
-loop uses: which tasks' data a task trains on, and which optax regularizer
-transforms go in front of the base optimizer.
+loop uses: which tasks' data a task trains on, which optax regularizer
+transforms go in front of the base optimizer, which importance estimates to
+compute at a task's end, and whether replay and distillation are on.
 
   * ``finetune``: train task ``t`` on its own data; nothing against forgetting
-    (the lower baseline).
+    (the lower baseline). Stands alone.
   * ``joint``: train task ``t`` on the union of tasks ``0..t`` (the upper
-    bound: nothing is ever out of reach).
+    bound: nothing is ever out of reach). Stands alone.
+  * ``l2``: quadratic pull to the previous task's parameters
+    (:func:`~ccmr_jax.continual.regularizers.l2_anchor`).
+  * ``ewc``: Elastic Weight Consolidation, one Fisher-weighted quadratic per
+    past task (``ewc(mode="separate")``; importance ``"fisher"``).
+  * ``online_ewc``: online EWC, one decayed running Fisher anchored at the
+    previous task (``ewc(mode="online")``; importance ``"fisher"``).
+  * ``mas``: Memory Aware Synapses (importance ``"mas"``).
+  * ``si``: Synaptic Intelligence (importance from its own path integral).
+  * ``lwf``: distillation of the previous snapshot's similarity structure
+    (:mod:`ccmr_jax.continual.distillation`), a term of the loss.
+  * ``replay``: a memory of each past task's pairs mixed into the batches
+    (:mod:`ccmr_jax.continual.replay`).
+
+Regularizers combine: each adds its own penalty to the loss, so the total is
+``L + sum_r P_r(theta)`` and the transforms simply chain. ``si`` goes first
+in the chain because its path integral needs the raw loss gradient.
+
+Hyperparameters live in ``config.continual`` (:func:`continual_defaults`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from typing import Any, Mapping
 
-STRATEGY_COMPONENTS = ("finetune", "joint")
+import jax
+import ml_collections
+import optax
+
+from ccmr_jax.continual import regularizers as regs
+from ccmr_jax.continual.distillation import SIMILARITY_PARTS
+from ccmr_jax.continual.replay import SELECTIONS
+
+PyTree = Any
+
+STRATEGY_COMPONENTS = ("finetune", "joint", "l2", "ewc", "online_ewc", "mas", "si", "lwf", "replay")
+STANDALONE_COMPONENTS = ("finetune", "joint")
+# Regularizer components in the order their transforms are chained.
+REGULARIZER_COMPONENTS = ("si", "l2", "ewc", "online_ewc", "mas")
+IMPORTANCE_ESTIMATORS = ("fisher", "mas")
+_IMPORTANCE_OF_COMPONENT = {"ewc": "fisher", "online_ewc": "fisher", "mas": "mas"}
+# The importance each regularizer state consumes at consolidation (None: needs none).
+_IMPORTANCE_OF_STATE = {regs.L2AnchorState: None, regs.EWCState: "fisher", regs.OnlineEWCState: "fisher",
+                        regs.MASState: "mas", regs.SIState: None}
+
+
+def continual_defaults() -> ml_collections.ConfigDict:
+  """The ``config.continual`` section: every strategy hyperparameter, with its default.
+
+  The defaults are starting points for the embedded scenes config (batch 128,
+  Adam with gradient clipping at 1), not tuned values; sweep them with
+  ``python -m ccmr_jax.sweep``. Penalty gradients are added to the loss
+  gradient *before* clipping, so a strength is large when its gradient
+  rivals a loss gradient of global norm ~1.
+
+  * ``l2.strength = 0.1``: ``P = s/2 ||theta - theta*||^2``.
+  * ``ewc.strength = 1000``: ``P = s/2 sum_k sum_i F_k,i (theta_i - theta*_k,i)^2``;
+    batch-gradient-square Fishers of a contrastive loss are small (roughly
+    ``1e-6`` per parameter), hence the large strength.
+  * ``online_ewc.strength = 1000``, ``online_ewc.decay = 0.9``: the running
+    Fisher ``F <- decay F + F_new``, ``0 < decay <= 1`` (1 is a plain sum).
+  * ``mas.strength = 1``: ``P = s/2 sum_i Omega_i (theta_i - theta*_i)^2``,
+    ``Omega`` the summed MAS importances.
+  * ``si.strength = 0.1``, ``si.damping = 0.1``: ``c`` and ``xi`` of Synaptic
+    Intelligence (``P = c sum_i Omega_i (theta_i - theta*_i)^2``).
+  * ``lwf.weight = 1``, ``lwf.temperature = 0.1``,
+    ``lwf.parts = ("cross", "image", "text")``: loss
+    ``L + weight * similarity_distillation(..., temperature, parts)``.
+  * ``replay.memory_per_task = 200``: images kept from each finished task
+    (5% of a scenes task); ``replay.selection = "reservoir"`` (or
+    ``"herding"``); ``replay.fraction = 0.25``: share of every batch drawn
+    from the memory.
+  * ``importance.max_batches = 50``: batches of the finished task's training
+    data (at most) behind the Fisher and MAS estimates; 50 batches of 128
+    cover a whole scenes task.
+
+  Returns:
+    A fresh ConfigDict; ``config.continual = continual_defaults()``.
+  """
+  return ml_collections.ConfigDict({
+      "l2": {"strength": 0.1},
+      "ewc": {"strength": 1000.0},
+      "online_ewc": {"strength": 1000.0, "decay": 0.9},
+      "mas": {"strength": 1.0},
+      "si": {"strength": 0.1, "damping": 0.1},
+      "lwf": {"weight": 1.0, "temperature": 0.1, "parts": SIMILARITY_PARTS},
+      "replay": {"memory_per_task": 200, "selection": "reservoir", "fraction": 0.25},
+      "importance": {"max_batches": 50},
+  })
+
+
+def _field(continual: ml_collections.ConfigDict, path: str):
+  section, name = path.split(".")
+  if section not in continual or name not in continual[section]:
+    raise ValueError(f"config.continual.{path} is missing; start from strategies.continual_defaults()")
+  return continual[section][name]
+
+
+def _check_number(continual, path: str, ok, requirement: str) -> None:
+  value = _field(continual, path)
+  is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if not (is_number and math.isfinite(value) and ok(value)):
+    raise ValueError(f"continual.{path} must be {requirement}, got {value!r}")
+
+
+def check_continual_config(continual: ml_collections.ConfigDict) -> None:
+  """Rejects values of the ``config.continual`` section that cannot work.
+
+  Args:
+    continual: the section (see :func:`continual_defaults`).
+
+  Raises:
+    ValueError: naming the field (``continual.ewc.strength`` …) and what it must be.
+  """
+  for path in ("l2.strength", "ewc.strength", "online_ewc.strength", "mas.strength", "si.strength",
+               "si.damping", "lwf.weight", "lwf.temperature"):
+    _check_number(continual, path, lambda v: v > 0, "a positive number")
+  _check_number(continual, "online_ewc.decay", lambda v: 0 < v <= 1, "in (0, 1]")
+  _check_number(continual, "replay.fraction", lambda v: 0 < v < 1, "in (0, 1)")
+  for path in ("replay.memory_per_task", "importance.max_batches"):
+    value = _field(continual, path)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+      raise ValueError(f"continual.{path} must be a positive integer, got {value!r}")
+  if _field(continual, "replay.selection") not in SELECTIONS:
+    raise ValueError(f"unknown continual.replay.selection {continual.replay.selection!r}; "
+                     f"choose one of {list(SELECTIONS)}")
+  parts = _field(continual, "lwf.parts")
+  if (isinstance(parts, str) or not parts or len(set(parts)) != len(parts)
+      or any(p not in SIMILARITY_PARTS for p in parts)):
+    raise ValueError(f"continual.lwf.parts must be a non-empty selection of {list(SIMILARITY_PARTS)} "
+                     f"without repeats, got {parts!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
+  """A parsed ``train.strategy``: its components, in the order they were named."""
+
   components: tuple[str, ...]
 
   @property
@@ -29,6 +158,112 @@ class Strategy:
   def training_tasks(self, task: int) -> list[int]:
     """Tasks whose training data task ``task`` trains on."""
     return list(range(task + 1)) if "joint" in self.components else [task]
+
+  @property
+  def regularizer_components(self) -> tuple[str, ...]:
+    """The regularizer components, in chain order (``si`` first)."""
+    return tuple(c for c in REGULARIZER_COMPONENTS if c in self.components)
+
+  @property
+  def needs_importance(self) -> tuple[str, ...]:
+    """The importance estimates to compute at a task's end, from :data:`IMPORTANCE_ESTIMATORS`.
+
+    ``"fisher"`` (``importance.fisher_diagonal``) for ``ewc`` / ``online_ewc``;
+    ``"mas"`` (``importance.mas_importance``) for ``mas``; empty otherwise.
+    """
+    wanted = {_IMPORTANCE_OF_COMPONENT[c] for c in self.components if c in _IMPORTANCE_OF_COMPONENT}
+    return tuple(e for e in IMPORTANCE_ESTIMATORS if e in wanted)
+
+  @property
+  def uses_replay(self) -> bool:
+    return "replay" in self.components
+
+  @property
+  def uses_distillation(self) -> bool:
+    return "lwf" in self.components
+
+  @property
+  def continual_sections(self) -> tuple[str, ...]:
+    """The sections of ``config.continual`` this strategy reads (``"importance"`` when it estimates one)."""
+    sections = [c for c in self.components if c not in STANDALONE_COMPONENTS]
+    if self.needs_importance:
+      sections.append("importance")
+    return tuple(sections)
+
+  def regularizers(self, config: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
+    """The regularizer transforms to put before the base optimizer, in chain order.
+
+    Args:
+      config: the experiment config; ``config.continual`` holds the
+        hyperparameters (read only when the strategy has a regularizer).
+
+    Returns:
+      ``[si, l2_anchor, ewc, ewc(online), mas]``, restricted to the strategy's
+      components; empty for ``finetune``, ``joint``, ``lwf``, ``replay``.
+
+    Raises:
+      ValueError: ``config.continual`` is missing or holds an invalid value.
+    """
+    if not self.regularizer_components:
+      return []
+    if "continual" not in config:
+      raise ValueError(f"train.strategy {self.name!r} needs config.continual; "
+                       "set config.continual = strategies.continual_defaults()")
+    continual = config.continual
+    check_continual_config(continual)
+    build = {
+        "si": lambda: regs.si(continual.si.strength, damping=continual.si.damping),
+        "l2": lambda: regs.l2_anchor(continual.l2.strength),
+        "ewc": lambda: regs.ewc(continual.ewc.strength, mode="separate"),
+        "online_ewc": lambda: regs.ewc(continual.online_ewc.strength, mode="online",
+                                       decay=continual.online_ewc.decay),
+        "mas": lambda: regs.mas(continual.mas.strength),
+    }
+    return [build[c]() for c in self.regularizer_components]
+
+  def consolidate(self, opt_state: PyTree, params: PyTree,
+                  importances: Mapping[str, PyTree] | None = None) -> PyTree:
+    """Marks a task boundary in every regularizer state, each with its own importance.
+
+    Unlike :func:`regularizers.consolidate`, which hands one importance to
+    every regularizer, an ``ewc`` state receives ``importances["fisher"]``
+    and a ``mas`` state ``importances["mas"]``, so ``ewc+mas`` works.
+    ``l2`` and ``si`` take none.
+
+    Args:
+      opt_state: an optimizer state built with :meth:`regularizers`.
+      params: the parameters at the end of the task just learned.
+      importances: ``{estimator: pytree like params}`` for every estimator of
+        :attr:`needs_importance`.
+
+    Returns:
+      ``opt_state`` with its regularizer states consolidated (unchanged for a
+      strategy without regularizers).
+
+    Raises:
+      ValueError: an importance is missing, or ``opt_state`` holds no
+        regularizer state although the strategy has some.
+    """
+    importances = dict(importances or {})
+    missing = [e for e in self.needs_importance if e not in importances]
+    if missing:
+      raise ValueError(f"strategy {self.name!r} needs the importance estimate(s) {missing} to consolidate")
+    if not self.regularizer_components:
+      return opt_state
+    state_types = tuple(_IMPORTANCE_OF_STATE)
+    found = []
+
+    def visit(node):
+      if not isinstance(node, state_types):
+        return node
+      found.append(type(node).__name__)
+      return regs.consolidate(node, params, importance=importances.get(_IMPORTANCE_OF_STATE[type(node)]))
+
+    new_state = jax.tree.map(visit, opt_state, is_leaf=lambda node: isinstance(node, state_types))
+    if not found:
+      raise ValueError(f"strategy {self.name!r}: opt_state holds no regularizer state; build the optimizer "
+                       "with strategy.regularizers(config)")
+    return new_state
 
 
 def parse_strategy(name: str) -> Strategy:
@@ -40,6 +275,6 @@ def parse_strategy(name: str) -> Strategy:
                      f"choose from {list(STRATEGY_COMPONENTS)}, joined with '+'")
   if len(set(components)) != len(components):
     raise ValueError(f"train.strategy {name!r} names a component twice")
-  if len(components) > 1 and ("finetune" in components or "joint" in components):
+  if len(components) > 1 and any(c in STANDALONE_COMPONENTS for c in components):
     raise ValueError(f"train.strategy {name!r}: 'finetune' and 'joint' stand alone")
   return Strategy(components)
