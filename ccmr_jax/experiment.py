@@ -45,6 +45,7 @@ from ccmr_jax.losses import LOSSES
 from ccmr_jax.models.dual_encoder import build_model
 
 DATA_SOURCES = ("scenes",)
+TRAINED_STRATEGY_COMPONENTS = ("finetune", "joint")
 
 
 class UserError(Exception):
@@ -64,9 +65,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.index_mode not in index.INDEX_MODES:
     raise UserError(f"unknown eval.index_mode {config.eval.index_mode!r}; choose one of {list(index.INDEX_MODES)}")
   try:
-    parse_strategy(config.train.strategy)
+    strategy = parse_strategy(config.train.strategy)
   except ValueError as e:
     raise UserError(str(e)) from e
+  unwired = [c for c in strategy.components if c not in TRAINED_STRATEGY_COMPONENTS]
+  if unwired:
+    raise UserError(f"train.strategy component(s) {unwired} are built (ccmr_jax/continual/) but not yet part of "
+                    f"the training loop; this version trains {list(TRAINED_STRATEGY_COMPONENTS)}")
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
                "eval.batch_size", "eval.ann_threshold", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
     section, field = path.split(".")

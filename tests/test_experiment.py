@@ -92,6 +92,9 @@ def test_a_workdir_of_another_config_is_refused(finished_run):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.train.strategy=bogus", "unknown train.strategy component(s) ['bogus']"),
+    ("--config.train.strategy=ewc+replay", "['ewc', 'replay'] are built (ccmr_jax/continual/) but not yet part"),
+    ("--config.model.text_tower=lstm", "unknown model.text_tower 'lstm'"),
+    ("--config.train.epochs_per_task=0", "train.epochs_per_task must be positive"),
     ("--config.train.learning_rate=-1", "train.learning_rate must be positive"),
     ("--config.loss.name=triplet", "unknown loss.name 'triplet'"),
     ("--config.data.num_tasks=9", "num_tasks=9 but the dataset has only 5 category groups"),

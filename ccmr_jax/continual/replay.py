@@ -204,7 +204,8 @@ class ReplayMemory:
     if len(sizes) != len(tasks) or sizes.sum() != len(rows):
       raise ValueError(f"replay memory arrays disagree: {len(tasks)} tasks, {len(sizes)} sizes "
                        f"adding up to {sizes.sum()}, {len(rows)} rows")
-    return cls(tuple(int(t) for t in tasks), tuple(np.split(rows, np.cumsum(sizes)[:-1])))
+    per_task = np.split(rows, np.cumsum(sizes)[:-1]) if len(tasks) else []
+    return cls(tuple(int(t) for t in tasks), tuple(per_task))
 
   def save(self, path: str) -> None:
     """Writes :meth:`to_arrays` to ``path`` (``.npz``, all-or-nothing)."""
