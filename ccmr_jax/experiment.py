@@ -14,6 +14,8 @@ This is the one module that calls every stage. A workdir holds:
                                  ScaNN searchers over the union of seen galleries
                                  as POLICY embeds them (task-agnostic search)
   eval/after_task_TT.json        R[t, k] for both scopes and policies, every k <= t
+  continual/task_TT/regularizers/ Orbax regularizer states consolidated after task t
+  continual/task_TT/replay.npz   the replay memory after task t (tasks 0..t)
   results.json, report.md, plots/*.png, tensorboard/
 
 A rerun of the same command resumes: tasks whose evaluation is written are
@@ -36,7 +38,10 @@ import numpy as np
 from absl import logging
 
 from ccmr_jax import analysis, checkpoint, evaluate, files, index, report, sharding, train
-from ccmr_jax.continual.strategies import parse_strategy
+from ccmr_jax.continual import replay
+from ccmr_jax.continual.importance import fisher_diagonal, mas_importance
+from ccmr_jax.continual.regularizers import regularizer_states, transfer_regularizer_states
+from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
 from ccmr_jax.data.batches import PairSampler, caption_text_ids
 from ccmr_jax.data.scenes import SceneSpec, make_scenes
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
@@ -45,7 +50,7 @@ from ccmr_jax.losses import LOSSES
 from ccmr_jax.models.dual_encoder import build_model
 
 DATA_SOURCES = ("scenes",)
-TRAINED_STRATEGY_COMPONENTS = ("finetune", "joint")
+EVAL_SPLITS = ("val", "test")
 
 
 class UserError(Exception):
@@ -64,14 +69,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"unknown loss.name {config.loss.name!r}; choose one of {list(LOSSES)}")
   if config.eval.index_mode not in index.INDEX_MODES:
     raise UserError(f"unknown eval.index_mode {config.eval.index_mode!r}; choose one of {list(index.INDEX_MODES)}")
+  if config.eval.split not in EVAL_SPLITS:
+    raise UserError(f"unknown eval.split {config.eval.split!r}; choose one of {list(EVAL_SPLITS)}")
   try:
-    strategy = parse_strategy(config.train.strategy)
+    parse_strategy(config.train.strategy)
+    check_continual_config(config.continual)
   except ValueError as e:
     raise UserError(str(e)) from e
-  unwired = [c for c in strategy.components if c not in TRAINED_STRATEGY_COMPONENTS]
-  if unwired:
-    raise UserError(f"train.strategy component(s) {unwired} are built (ccmr_jax/continual/) but not yet part of "
-                    f"the training loop; this version trains {list(TRAINED_STRATEGY_COMPONENTS)}")
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
                "eval.batch_size", "eval.ann_threshold", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
     section, field = path.split(".")
@@ -197,12 +201,12 @@ def _build_and_save_index(embeddings: np.ndarray, path: str, config: ml_collecti
 
 def _evaluate_after_task(t: int, params, stream: TaskStream, tokenizer: Tokenizer, embedders, workdir: str,
                          config: ml_collections.ConfigDict) -> dict:
-  """Embeds seen test splits with S_t, builds the indexes this snapshot adds, queries both policies.
+  """Embeds the seen tasks' ``eval.split`` splits with S_t, builds this snapshot's indexes, queries both policies.
 
   Returns ``{scope: {policy: {str(k): metrics}}}`` (empty dicts on processes other than 0).
   """
   embed_images, embed_texts = embedders
-  tests = [stream.tasks[k].splits["test"] for k in range(t + 1)]
+  tests = [stream.tasks[k].splits[config.eval.split] for k in range(t + 1)]
   current = {}  # task -> (image, caption) embeddings by S_t: the queries, and the reindex galleries
   for k, test in enumerate(tests):
     current[k] = (embed_images(params, test.images), embed_texts(params, tokenizer.encode(test.captions)))
@@ -253,6 +257,32 @@ def _log_stream(stream: TaskStream) -> list[dict]:
   return info
 
 
+def _replay_path(workdir: str, task: int) -> str:
+  return os.path.join(workdir, "continual", f"task_{task:02d}", "replay.npz")
+
+
+def _consolidated_regularizers(t: int, strategy, state: train.TrainState, params, loss_fn, model,
+                               stream: TaskStream, tokenizer: Tokenizer, mesh,
+                               config: ml_collections.ConfigDict) -> list:
+  """The regularizer states after task ``t``: importances on its own training data, then consolidation."""
+  sampler = PairSampler.create(stream.tasks[t].splits["train"], tokenizer)
+  max_batches = config.continual.importance.max_batches
+
+  def batches():
+    for batch in sampler.epoch(config.train.batch_size, config.seed, t, 0, jax.process_index(),
+                               jax.process_count()):
+      yield sharding.to_global(batch, mesh)
+
+  importances = {}
+  if "fisher" in strategy.needs_importance:
+    importances["fisher"] = fisher_diagonal(loss_fn, params, batches(), has_aux=True, max_batches=max_batches)
+  if "mas" in strategy.needs_importance:
+    importances["mas"] = mas_importance(
+        lambda p, b: model.apply(p, b["image"], b["tokens"], method=model.embed_unnormalized), params,
+        batches(), max_batches=max_batches)
+  return regularizer_states(strategy.consolidate(state.opt_state, params, importances))
+
+
 def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
   t = 0
   while t < num_tasks and files.exists(_eval_path(workdir, t)):
@@ -286,8 +316,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dummy_tokens = jnp.zeros((1, tokenizer.max_length), jnp.int32)
   params = jax.jit(model.init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(config.seed), dummy_images, dummy_tokens)
-  optimizer = train.make_optimizer(config.train)
-  step_fn = train.make_train_step(train.make_loss_fn(model, config.loss), optimizer, mesh)
+  optimizer = train.make_optimizer(config.train, strategy.regularizers(config))
+  loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None)
+  step_fn = train.make_train_step(loss_fn, optimizer, mesh)
+  template = regularizer_states(sharding.replicate(optimizer.init(params), mesh))
   embedders = evaluate.make_embedder(model, mesh, config.eval.batch_size)
   tensorboard = _TensorBoard(workdir)
   metrics = evaluate.metric_names(config.eval.ks)
@@ -298,20 +330,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("resuming: tasks 0..%d already evaluated", first - 1)
     params = checkpoint.restore_snapshot(workdir, first - 1, checkpoint.abstract_like(params))
   timings = []
+  continual_state = None  # the regularizer states consolidated after the previous task
+  memory = replay.ReplayMemory()
   for t in range(first, num_tasks):
     task_start = time.perf_counter()
     if t in checkpoint.completed_snapshots(workdir):
       logging.info("task %d: snapshot found, evaluating it", t)
       params = checkpoint.restore_snapshot(workdir, t, checkpoint.abstract_like(params))
+      # Task t's continual state was saved before its snapshot: the next task reads it from disk.
+      continual_state, memory = None, replay.ReplayMemory()
     else:
       train_data = stream.training_data(strategy.training_tasks(t))
-      sampler = PairSampler.create(train_data, tokenizer)
+      if strategy.uses_replay:
+        if t > 0 and not memory.tasks:  # resumed run
+          memory = replay.ReplayMemory.load(_replay_path(workdir, t - 1))
+        sampler = replay.MixedSampler.create(train_data, memory.examples(stream) if memory.tasks else None,
+                                             tokenizer, config.continual.replay.fraction)
+      else:
+        sampler = PairSampler.create(train_data, tokenizer)
       steps_per_epoch = sampler.steps_per_epoch(config.train.batch_size)
       if steps_per_epoch == 0:
         raise UserError(f"train.batch_size={config.train.batch_size} exceeds the {len(train_data)} "
                         f"training images of task {t}; lower it")
       total_steps = steps_per_epoch * config.train.epochs_per_task
+      # Copied before init_state: the first step donates params.
+      teacher = jax.tree.map(jnp.copy, params) if strategy.uses_distillation and t > 0 else None
       state = train.init_state(params, optimizer, mesh)
+      if t > 0 and strategy.regularizer_components:
+        if continual_state is None:  # resumed run
+          continual_state = checkpoint.restore_regularizers(workdir, t - 1, checkpoint.abstract_like(template))
+        state = state._replace(opt_state=sharding.replicate(
+            transfer_regularizer_states(continual_state, state.opt_state), mesh))
       batches = (batch for epoch in range(config.train.epochs_per_task)
                  for batch in sampler.epoch(config.train.batch_size, config.seed, t, epoch,
                                             jax.process_index(), jax.process_count()))
@@ -319,8 +368,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    total_steps, len(train_data), strategy.name)
       schedule = train.learning_rate_schedule(config.train, total_steps)
       state, _ = train.fit(state, step_fn, batches, mesh, schedule, total_steps, t, config.train.log_every,
-                           on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"))
+                           on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"),
+                           teacher_params=teacher)
       params = state.params
+      # The continual state is saved before the snapshot, so an existing snapshot implies it is on disk.
+      if strategy.regularizer_components:
+        continual_state = _consolidated_regularizers(t, strategy, state, params, loss_fn, model, stream,
+                                                     tokenizer, mesh, config)
+        checkpoint.save_regularizers(workdir, t, continual_state)
+      if strategy.uses_replay:
+        train_t = stream.tasks[t].splits["train"]
+        selection = config.continual.replay.selection
+        embeddings = embedders[0](params, train_t.images) if selection == "herding" else None
+        rows = replay.select_rows(selection, len(train_t), config.continual.replay.memory_per_task,
+                                  seed=config.seed, task=t, image_embeddings=embeddings)
+        memory = memory.add_task(t, rows)
+        if jax.process_index() == 0:
+          memory.save(_replay_path(workdir, t))
       checkpoint.save_snapshot(workdir, t, params)
     train_seconds = time.perf_counter() - task_start
     evaluation = _evaluate_after_task(t, params, stream, tokenizer, embedders, workdir, config)

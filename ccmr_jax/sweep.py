@@ -42,7 +42,7 @@ from ccmr_jax import compare, distributed, experiment, files
 from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scenes.py")
-EVAL_SPLITS = ("val", "test")
+EVAL_SPLITS = experiment.EVAL_SPLITS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from ccmr_jax import losses, sharding
+from ccmr_jax.continual import distillation
 
 
 class TrainState(NamedTuple):
@@ -60,27 +61,51 @@ def set_learning_rate(opt_state, learning_rate):
   return (*opt_state[:-1], adamw_state._replace(hyperparams=hyperparams))
 
 
-def make_loss_fn(model, loss_config: ml_collections.ConfigDict) -> Callable:
-  """``loss_fn(params, batch) -> (loss, aux)`` of the contrastive objective."""
+def make_loss_fn(model, loss_config: ml_collections.ConfigDict,
+                 lwf_config: ml_collections.ConfigDict | None = None) -> Callable:
+  """``loss_fn(params, batch, teacher_params=None) -> (loss, aux)``.
 
-  def loss_fn(params, batch):
+  Args:
+    model: the dual encoder.
+    loss_config: ``config.loss``, the contrastive objective.
+    lwf_config: ``config.continual.lwf``; needed only when the loss is called
+      with ``teacher_params``.
+
+  Returns:
+    The loss function. Without ``teacher_params`` the loss is the contrastive
+    objective; with them it adds ``lwf_config.weight`` times the similarity
+    distillation from the teacher's embeddings of the same batch. ``aux``
+    holds ``scale``, ``contrastive`` and ``distillation`` (0 without a teacher).
+  """
+
+  def loss_fn(params, batch, teacher_params=None):
     image_emb, text_emb, scale = model.apply(params, batch["image"], batch["tokens"])
     negatives = losses.valid_negatives(batch["image_key"], batch["text_key"])
-    loss = losses.contrastive_loss(loss_config.name, image_emb, text_emb, scale, negatives, loss_config.margin)
-    return loss, {"scale": scale}
+    contrastive = losses.contrastive_loss(loss_config.name, image_emb, text_emb, scale, negatives,
+                                          loss_config.margin)
+    distill = jnp.zeros((), jnp.float32)
+    loss = contrastive
+    if teacher_params is not None:
+      old_image, old_text, _ = model.apply(teacher_params, batch["image"], batch["tokens"])
+      distill = distillation.similarity_distillation(image_emb, text_emb, old_image, old_text,
+                                                     lwf_config.temperature, tuple(lwf_config.parts))
+      loss = contrastive + lwf_config.weight * distill
+    return loss, {"scale": scale, "contrastive": contrastive, "distillation": distill}
 
   return loss_fn
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  """The jitted step ``(state, batch, learning_rate) -> (state, metrics)``.
+  """The jitted step ``(state, batch, learning_rate, teacher_params) -> (state, metrics)``.
 
-  State is replicated, the batch sharded on ``data``; the old state's buffers
-  are donated. Metrics stay on device: the caller reads them only when it logs.
+  State and ``teacher_params`` (None, or the previous snapshot's params for
+  distillation) are replicated, the batch sharded on ``data``; the old
+  state's buffers are donated. Metrics stay on device: the caller reads them
+  only when it logs.
   """
 
-  def step(state: TrainState, batch, learning_rate):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+  def step(state: TrainState, batch, learning_rate, teacher_params):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params)
     opt_state = set_learning_rate(state.opt_state, learning_rate)
     updates, opt_state = optimizer.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -88,7 +113,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     return TrainState(state.step + 1, params, opt_state), metrics
 
   replicated = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+  return jax.jit(step, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -100,10 +125,11 @@ def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> T
 
 def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
         schedule: optax.Schedule, total_steps: int, task: int, log_every: int,
-        on_log: Callable[[int, dict], None] | None = None):
+        on_log: Callable[[int, dict], None] | None = None, teacher_params=None):
   """Runs ``step_fn`` over ``batches`` with the learning rates of ``schedule``.
 
-  Logs every ``log_every`` steps.
+  Logs every ``log_every`` steps. ``teacher_params`` (None, or the params
+  distilled from) go to every step.
 
   The host waits for the device only at log points, where the loss is also
   checked: a NaN or Inf stops the run with the task and step named.
@@ -117,7 +143,7 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.nda
   step = 0
   for step, local_batch in enumerate(batches, start=1):
     learning_rate = np.float32(schedule(step - 1))
-    state, device_metrics = step_fn(state, sharding.to_global(local_batch, mesh), learning_rate)
+    state, device_metrics = step_fn(state, sharding.to_global(local_batch, mesh), learning_rate, teacher_params)
     if step % log_every == 0 or step == total_steps:
       metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       metrics["learning_rate"] = float(learning_rate)

@@ -9,6 +9,8 @@ Override any field on the command line, e.g. ``--config.train.strategy=joint``.
 
 import ml_collections
 
+from ccmr_jax.continual.strategies import continual_defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -47,8 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_clip = 1.0
   config.train.log_every = 20
 
+  # Hyperparameters of the strategy components (ewc, lwf, replay, ...): see ccmr_jax/continual/strategies.py.
+  config.continual = continual_defaults()
+
+  # split: the split evaluated after every task ("test", or "val" for sweeps).
   # index_mode: "exact" (ScaNN brute force), "approximate" (tree + AH + reorder, reported with its
   # agreement with exact search), or "auto" (approximate for galleries of ann_threshold items or more).
-  config.eval = ml_collections.ConfigDict(dict(ks=(1, 5, 10), batch_size=256, index_mode="exact",
+  config.eval = ml_collections.ConfigDict(dict(split="test", ks=(1, 5, 10), batch_size=256, index_mode="exact",
                                                ann_threshold=100_000))
   return config

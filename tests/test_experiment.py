@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ccmr_jax import experiment, files
+from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +94,8 @@ def test_a_workdir_of_another_config_is_refused(finished_run):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.train.strategy=bogus", "unknown train.strategy component(s) ['bogus']"),
-    ("--config.train.strategy=ewc+replay", "['ewc', 'replay'] are built (ccmr_jax/continual/) but not yet part"),
+    ("--config.continual.ewc.strength=-1", "continual.ewc.strength must be a positive number"),
+    ("--config.eval.split=train", "unknown eval.split 'train'"),
     ("--config.model.text_tower=lstm", "unknown model.text_tower 'lstm'"),
     ("--config.train.epochs_per_task=0", "train.epochs_per_task must be positive"),
     ("--config.train.learning_rate=-1", "train.learning_rate must be positive"),
@@ -108,6 +111,24 @@ def test_bad_config_values_stop_with_a_message_and_no_traceback(tmp_path, overri
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_a_continual_strategy_trains_and_saves_its_state(tmp_path):
+  config = tiny.get_config()
+  config.train.strategy = "ewc+lwf+replay"
+  config.data.scenes.num_train = 160
+  workdir = str(tmp_path / "run")
+  experiment.run(config, workdir)
+  for path in ("results.json", "continual/task_00/regularizers", "continual/task_00/replay.npz",
+               "continual/task_01/regularizers", "continual/task_01/replay.npz"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  memory = ReplayMemory.load(os.path.join(workdir, "continual", "task_01", "replay.npz"))
+  assert memory.tasks == (0, 1) and len(memory.rows[0]) > 0
+  # Task 1 trained under the EWC penalty of task 0: one consolidation before it, two after.
+  for task, consolidations in ((0, 1), (1, 2)):
+    path = os.path.join(workdir, "continual", f"task_{task:02d}", "regularizers")
+    (ewc_state,) = ocp.StandardCheckpointer().restore(path)
+    assert int(ewc_state["num_tasks"]) == consolidations
 
 
 def test_an_unwritable_workdir_is_refused(tmp_path):

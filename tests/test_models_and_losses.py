@@ -4,7 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ccmr_jax import losses
+from ccmr_jax import losses, train
+from ccmr_jax.continual.strategies import continual_defaults
 from ccmr_jax.models.dual_encoder import build_model
 from configs import tiny
 
@@ -30,6 +31,23 @@ def test_dual_encoder_gives_unit_vectors_in_one_space(text_tower):
   # Padding positions do not leak into a caption's embedding.
   alone = model.apply(params, tokens[:1, :3], method=model.encode_text)
   np.testing.assert_allclose(alone[0], text_emb[0], atol=1e-5)
+
+
+def test_distillation_from_identical_params_adds_nothing_to_the_loss():
+  model = _model()
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 64, 64, 3)), jnp.uint8),
+           "tokens": jnp.asarray(rng.integers(1, 50, (4, 8)), jnp.int32),
+           "image_key": jnp.arange(4, dtype=jnp.int32), "text_key": jnp.arange(4, dtype=jnp.int32)}
+  params = model.init(jax.random.key(0), batch["image"], batch["tokens"])
+  loss_fn = train.make_loss_fn(model, tiny.get_config().loss, continual_defaults().lwf)
+  plain, plain_aux = loss_fn(params, batch)
+  distilled, aux = loss_fn(params, batch, params)
+  np.testing.assert_allclose(aux["distillation"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(distilled, plain, rtol=1e-6)
+  np.testing.assert_allclose(aux["contrastive"], plain_aux["contrastive"], rtol=1e-6)
+  image, text = model.apply(params, batch["image"], batch["tokens"], method=model.embed_unnormalized)
+  assert not np.allclose(np.linalg.norm(image, axis=1), 1.0) and text.dtype == jnp.float32
 
 
 def test_unknown_tower_is_a_clear_error():

@@ -32,7 +32,7 @@ def _run(mesh):
   step = train.make_train_step(loss_fn, optimizer, mesh)
   losses = []
   for batch in batches:
-    state, metrics = step(state, sharding.to_global(batch, mesh), np.float32(0.1))
+    state, metrics = step(state, sharding.to_global(batch, mesh), np.float32(0.1), None)
     losses.append(float(metrics["loss"]))
   return jax.device_get(grads), losses, jax.device_get(state.params)
 

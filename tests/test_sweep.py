@@ -101,7 +101,7 @@ def test_run_config_sets_strategy_swept_field_and_eval_split_on_a_copy():
   planned = sweep.PlannedRun("ewc_ewc.strength=10", "ewc", (("ewc.strength", 10.0),))
   config = sweep.run_config(base, planned, "val")
   assert (config.train.strategy, config.continual.ewc.strength, config.eval.split) == ("ewc", 10.0, "val")
-  assert base.train.strategy == "finetune" and "split" not in base.eval
+  assert base.train.strategy == "finetune" and base.eval.split == "test"
   with pytest.raises(ValueError, match="continual.ewc.strength must be a positive number"):
     sweep.run_config(base, sweep.PlannedRun("ewc", "ewc", (("ewc.strength", -1.0),)), None)
 

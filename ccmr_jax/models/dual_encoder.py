@@ -43,6 +43,11 @@ class DualEncoder(nn.Module):
   def encode_text(self, tokens: jnp.ndarray) -> jnp.ndarray:
     return l2_normalize(self.text_projection(self.text_tower(tokens)).astype(jnp.float32))
 
+  def embed_unnormalized(self, images: jnp.ndarray, tokens: jnp.ndarray):
+    """Returns the float32 ``(image, text)`` projections before L2 normalisation (for MAS importance)."""
+    return (self.image_projection(self.image_tower(images)).astype(jnp.float32),
+            self.text_projection(self.text_tower(tokens)).astype(jnp.float32))
+
   def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray):
     """Returns ``(image_embeddings, text_embeddings, scale)``."""
     return self.encode_image(images), self.encode_text(tokens), jnp.exp(self.log_scale)
