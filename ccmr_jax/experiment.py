@@ -57,6 +57,12 @@ class UserError(Exception):
   """A problem the user can fix (config, paths, data); main prints it without a traceback."""
 
 
+def configure_logging() -> None:
+  """Progress at INFO; Orbax narrates every save at INFO, so only its warnings and errors pass."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname or record.levelno >= 30)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects config values that cannot work, naming the field and the fix."""
   def positive(path: str, value) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scenes.py")
@@ -23,9 +23,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from ccmr_jax import distributed, experiment  # after flag parsing: keeps --help fast
 
-  logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep the run's own progress readable.
-  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname or record.levelno >= 30)
+  experiment.configure_logging()
   try:
     try:
       distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
