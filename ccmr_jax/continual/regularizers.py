@@ -435,13 +435,7 @@ def ewc(strength: float, mode: str = "separate", decay: float = 1.0) -> optax.Gr
       del extra_args
       _require_params(params, "ewc")
       s = _scalar(strength)
-      reg = jax.tree.map(
-          lambda p, f, a: s * _wide(f) * (_wide(p) - _wide(a)),
-          params,
-          state.fisher,
-          state.anchor,
-      )
-      updates = _add_grad(updates, reg, state.num_tasks > 0)
+      updates = _add_grad(updates, _weighted_pull(s, state.fisher, params, state.anchor), state.num_tasks > 0)
       return updates, state._replace(strength=s, decay=_scalar(decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -485,6 +479,11 @@ def _ewc_consolidate(state: EWCState, params: PyTree, importance: PyTree) -> EWC
       fisher_anchor_sum=fisher_anchor_sum,
       residual=(state.residual + extra).astype(state.residual.dtype),
   )
+
+
+def _weighted_pull(strength: jax.Array, weights: PyTree, params: PyTree, anchor: PyTree) -> PyTree:
+  """``strength * w * (theta - theta*)``: the gradient of :func:`_weighted_anchor_penalty`."""
+  return jax.tree.map(lambda p, w, a: strength * _wide(w) * (_wide(p) - _wide(a)), params, weights, anchor)
 
 
 def _weighted_anchor_penalty(params: PyTree, weights: PyTree, anchor: PyTree, strength: jax.Array,
@@ -561,13 +560,7 @@ def mas(strength: float) -> optax.GradientTransformationExtraArgs:
     del extra_args
     _require_params(params, "mas")
     s = _scalar(strength)
-    reg = jax.tree.map(
-        lambda p, o, a: s * _wide(o) * (_wide(p) - _wide(a)),
-        params,
-        state.importance,
-        state.anchor,
-    )
-    updates = _add_grad(updates, reg, state.num_tasks > 0)
+    updates = _add_grad(updates, _weighted_pull(s, state.importance, params, state.anchor), state.num_tasks > 0)
     return updates, state._replace(strength=s)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
