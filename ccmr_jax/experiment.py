@@ -227,17 +227,20 @@ def _evaluate_after_task(t: int, params, stream: TaskStream, tokenizer: Tokenize
     _build_and_save_index(caption_emb, _index_path(workdir, t, k, "captions"), config)
 
   union = evaluate.UnionGallery.from_tasks(tests)
+  truths = [evaluate.GroundTruth.from_examples(test) for test in tests]
   for policy in evaluate.POLICIES:
     gallery_parts = []
     for k in range(t + 1):
       snapshot = evaluate.snapshot_for_gallery(policy, k, t)
-      truth = evaluate.GroundTruth.from_examples(tests[k])
       image_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "images"))
       caption_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "captions"))
-      stored = files.load_npz(_embedding_path(workdir, snapshot, k))
-      gallery_parts.append((stored["images"], stored["captions"]))
+      if snapshot == t:
+        gallery_parts.append(current[k])
+      else:
+        stored = files.load_npz(_embedding_path(workdir, snapshot, k))
+        gallery_parts.append((stored["images"], stored["captions"]))
       results["task_aware"][policy][str(k)] = evaluate.query_gallery(
-          *current[k], image_searcher, caption_searcher, truth, config.eval.ks, *gallery_parts[-1])
+          *current[k], image_searcher, caption_searcher, truths[k], config.eval.ks, *gallery_parts[-1])
     union_galleries = [np.concatenate([p[part] for p in gallery_parts]) for part in (0, 1)]
     for gallery, embeddings in zip(("images", "captions"), union_galleries):
       _build_and_save_index(embeddings, _union_index_path(workdir, policy, t, gallery), config)
