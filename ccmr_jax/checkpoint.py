@@ -3,6 +3,14 @@
 The consolidated regularizer states of a continual strategy are saved the
 same way after each task, in ``workdir/continual/task_TT/regularizers``.
 
+While a task trains, its progress is saved every ``train.checkpoint_every``
+steps in ``workdir/progress/task_TT/step_SSSSSS``: the whole train state
+(params, optimizer moments, regularizer states, step count). The step count is
+also the data position: batches are a pure function of ``(seed, task, epoch)``,
+so a restarted run skips the batches already seen and continues bit for bit.
+Only the newest progress checkpoint is kept; the task's folder goes once its
+snapshot is written.
+
 A snapshot ``S_t`` holds the dual encoder's params right after training task
 ``t`` and is restorable on its own into the model's abstract params. Orbax
 writes into a temporary folder and renames it when complete (on cloud
@@ -21,6 +29,7 @@ import orbax.checkpoint as ocp
 from ccmr_jax import files
 
 _SNAPSHOT = re.compile(r"^task_(\d+)$")
+_PROGRESS = re.compile(r"^step_(\d+)$")
 
 
 def snapshot_dir(workdir: str, task: int) -> str:
@@ -29,6 +38,10 @@ def snapshot_dir(workdir: str, task: int) -> str:
 
 def regularizers_dir(workdir: str, task: int) -> str:
   return os.path.join(files.absolute(workdir), "continual", f"task_{task:02d}", "regularizers")
+
+
+def progress_dir(workdir: str, task: int) -> str:
+  return os.path.join(files.absolute(workdir), "progress", f"task_{task:02d}")
 
 
 def _save(path: str, tree) -> str:
@@ -46,7 +59,7 @@ def _restore(path: str, abstract_tree, what: str, fix: str):
   try:
     return checkpointer.restore(path, abstract_tree)
   except Exception as e:  # Orbax raises many types for bad files; name the folder and the fix.
-    raise ValueError(f"{what} at {path} is unreadable ({type(e).__name__}: {e}); {fix}") from e
+    raise files.CorruptFileError(f"{what} at {path} is unreadable ({type(e).__name__}: {e}); {fix}") from e
   finally:
     checkpointer.close()
 
@@ -61,7 +74,7 @@ def restore_snapshot(workdir: str, task: int, abstract_params):
 
   Raises:
     FileNotFoundError: if the snapshot does not exist.
-    ValueError: if it cannot be read as those params (corrupt, truncated, or
+    files.CorruptFileError: if it cannot be read as those params (corrupt, truncated, or
       made by another model configuration).
   """
   return _restore(snapshot_dir(workdir, task), abstract_params, f"snapshot for task {task}",
@@ -78,7 +91,7 @@ def restore_regularizers(workdir: str, task: int, abstract_states):
 
   Raises:
     FileNotFoundError: if they were not saved.
-    ValueError: if they cannot be read as those states.
+    files.CorruptFileError: if they cannot be read as those states.
   """
   return _restore(regularizers_dir(workdir, task), abstract_states, f"regularizer state of task {task}",
                   f"delete snapshots/task_{task:02d} and that folder to retrain task {task}")
@@ -96,3 +109,45 @@ def completed_snapshots(workdir: str) -> list[int]:
 def abstract_like(params):
   """Shape/dtype/sharding structs of ``params``: the target of a restore."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+
+
+def _progress_steps(workdir: str, task: int) -> list[int]:
+  root = progress_dir(workdir, task)
+  if not files.is_dir(root):
+    return []
+  found = (_PROGRESS.match(name) for name in files.listdir(root))
+  return sorted(int(m.group(1)) for m in found if m)
+
+
+def save_progress(workdir: str, task: int, step: int, state) -> str:
+  """Writes the train state after ``step`` steps of task ``task``, then drops the older ones."""
+  path = _save(os.path.join(progress_dir(workdir, task), f"step_{step:06d}"), state)
+  if jax.process_index() != 0:
+    return path
+  for older in _progress_steps(workdir, task):
+    if older < step:
+      files.remove_tree(os.path.join(progress_dir(workdir, task), f"step_{older:06d}"))
+  return path
+
+
+def latest_progress(workdir: str, task: int) -> int | None:
+  """The step of task ``task``'s newest complete progress checkpoint, or None."""
+  steps = _progress_steps(workdir, task)
+  return steps[-1] if steps else None
+
+
+def restore_progress(workdir: str, task: int, step: int, abstract_state):
+  """Reads the progress checkpoint of ``task`` at ``step`` into the structure of ``abstract_state``.
+
+  Raises:
+    files.CorruptFileError: if it cannot be read as that state.
+  """
+  path = os.path.join(progress_dir(workdir, task), f"step_{step:06d}")
+  return _restore(path, abstract_state, f"progress checkpoint of task {task}",
+                  f"delete {path} to restart task {task} from its beginning")
+
+
+def clear_progress(workdir: str, task: int) -> None:
+  """Removes task ``task``'s progress checkpoints (its snapshot supersedes them)."""
+  if files.is_dir(progress_dir(workdir, task)):
+    files.remove_tree(progress_dir(workdir, task))

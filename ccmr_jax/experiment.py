@@ -26,6 +26,8 @@ a deterministic function of the config, so the numbers do not change).
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import tempfile
@@ -88,6 +90,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     positive(path, config[section][field])
   if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
     raise UserError(f"eval.ks must be positive integers including 1, got {tuple(config.eval.ks)}")
+  checkpoint_every = config.train.checkpoint_every
+  if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
+    raise UserError(f"train.checkpoint_every must be a whole number of steps, 0 for never, got {checkpoint_every!r}")
 
 
 def load_task_stream(config: ml_collections.ConfigDict) -> TaskStream:
@@ -116,8 +121,12 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir or checks that it belongs to the same config."""
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool = False) -> None:
+  """Creates the workdir or checks that it belongs to the same config.
+
+  With ``allow_config_change`` a workdir of another config is taken over: the
+  differences are logged and its ``config.json`` becomes this config.
+  """
   try:
     files.makedirs(workdir)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")  # one per process: no race
@@ -129,10 +138,13 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = _config_json(config)
   if files.exists(path):
     differences = _config_differences(files.read_json(path), new)
-    if differences:
+    if differences and not allow_config_change:
       raise UserError(f"workdir {workdir} holds a run with another config:\n  " + "\n  ".join(differences)
-                      + "\nUse a new --workdir, or delete this one to start over.")
-  elif jax.process_index() == 0:
+                      + "\nUse a new --workdir, delete this one to start over, or pass --allow_config_change "
+                      "to resume it under the new config.")
+    if differences:
+      logging.warning("resuming %s under a changed config:\n  %s", workdir, "\n  ".join(differences))
+  if jax.process_index() == 0 and (not files.exists(path) or allow_config_change):
     files.atomic_write_json(path, new)
 
 
@@ -292,6 +304,18 @@ def _consolidated_regularizers(t: int, strategy, state: train.TrainState, params
   return regularizer_states(strategy.consolidate(state.opt_state, params, importances))
 
 
+def _batches_from(sampler, config: ml_collections.ConfigDict, task: int, steps_per_epoch: int, start_step: int):
+  """This process's batches of task ``task`` after the first ``start_step`` steps.
+
+  Epochs before the start are not drawn; the start epoch is drawn whole (its
+  order depends on all of it) and its first batches are skipped.
+  """
+  for epoch in range(start_step // steps_per_epoch, config.train.epochs_per_task):
+    batches = sampler.epoch(config.train.batch_size, config.seed, task, epoch,
+                            jax.process_index(), jax.process_count())
+    yield from itertools.islice(batches, max(start_step - epoch * steps_per_epoch, 0), None)
+
+
 def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
   t = 0
   while t < num_tasks and files.exists(_eval_path(workdir, t)):
@@ -299,11 +323,41 @@ def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
   return t
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the whole continual experiment; returns the results document."""
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) the whole continual experiment; returns the results document.
+
+  Args:
+    config: the experiment config.
+    workdir: local folder or ``gs://`` prefix; a rerun with the same config
+      resumes from what it holds (finished evaluations, snapshots, the last
+      progress checkpoint of the task in training).
+    allow_config_change: resume a workdir made with another config (the
+      differences are logged and the workdir's config.json replaced).
+
+  Raises:
+    UserError: bad config or data, a workdir that cannot be used, a diverged
+      loss, a full disk: a one-line cause and its fix.
+  """
+  try:
+    return _run(config, workdir, allow_config_change)
+  except FloatingPointError as e:
+    raise UserError(f"{e}; the checkpoints before it are kept in {workdir}/progress and {workdir}/snapshots. "
+                    "Lower train.learning_rate (or check the data) and rerun with --allow_config_change "
+                    "to resume from them") from e
+  except files.CorruptFileError as e:
+    raise UserError(str(e)) from e
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise UserError(f"no space left on the device while writing {e.filename or 'to the workdir'}; free space "
+                      "(or use a --workdir on a larger disk) and rerun the same command: finished tasks and the "
+                      "last checkpoint are kept, half-written files are not") from e
+    raise
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
   start_time = time.perf_counter()
   check_config(config)
-  prepare_workdir(workdir, config)
+  prepare_workdir(workdir, config, allow_config_change)
   stream = load_task_stream(config)
   task_info = _log_stream(stream)
   num_tasks = len(stream)
@@ -370,15 +424,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           continual_state = checkpoint.restore_regularizers(workdir, t - 1, checkpoint.abstract_like(template))
         state = state._replace(opt_state=sharding.replicate(
             transfer_regularizer_states(continual_state, state.opt_state), mesh))
-      batches = (batch for epoch in range(config.train.epochs_per_task)
-                 for batch in sampler.epoch(config.train.batch_size, config.seed, t, epoch,
-                                            jax.process_index(), jax.process_count()))
+      start_step = checkpoint.latest_progress(workdir, t) or 0
+      if start_step:
+        logging.info("task %d: resuming from its checkpoint at step %d of %d", t, start_step, total_steps)
+        state = checkpoint.restore_progress(workdir, t, start_step, checkpoint.abstract_like(state))
+      batches = _batches_from(sampler, config, t, steps_per_epoch, start_step)
       logging.info("task %d (%s): %d steps on %d images (strategy %s)", t, stream.tasks[t].name,
                    total_steps, len(train_data), strategy.name)
       schedule = train.learning_rate_schedule(config.train, total_steps)
       state, _ = train.fit(state, step_fn, batches, mesh, schedule, total_steps, t, config.train.log_every,
                            on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"),
-                           teacher_params=teacher)
+                           teacher_params=teacher, start_step=start_step,
+                           checkpoint_every=config.train.checkpoint_every,
+                           on_checkpoint=lambda step, s: checkpoint.save_progress(workdir, t, step, s))
       params = state.params
       # The continual state is saved before the snapshot, so an existing snapshot implies it is on disk.
       if strategy.regularizer_components:
@@ -395,6 +453,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           memory.save(_replay_path(workdir, t))
       checkpoint.save_snapshot(workdir, t, params)
+      if jax.process_index() == 0:
+        checkpoint.clear_progress(workdir, t)
     train_seconds = time.perf_counter() - task_start
     evaluation = _evaluate_after_task(t, params, stream, tokenizer, embedders, workdir, config)
     if jax.process_index() == 0:

@@ -26,6 +26,10 @@ from etils import epath
 _REMOTE_PREFIXES = ("gs://", "s3://")
 
 
+class CorruptFileError(ValueError):
+  """A workdir file that exists but cannot be read as what it should be; the message names the fix."""
+
+
 def is_remote(path) -> bool:
   return str(path).startswith(_REMOTE_PREFIXES)
 
@@ -55,6 +59,10 @@ def remove(path: str) -> None:
   epath.Path(path).unlink()
 
 
+def remove_tree(path: str) -> None:
+  epath.Path(path).rmtree()
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   if is_remote(path):
     target = epath.Path(path)
@@ -70,9 +78,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:
+      e.filename = path  # a full disk surfaces in write or fsync, which name no file
     raise
 
 
@@ -96,7 +106,7 @@ def read_json(path: str):
   try:
     return json.loads(read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
+    raise CorruptFileError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
 
 
 def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
@@ -113,7 +123,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
   except (ValueError, OSError, EOFError) as e:
-    raise ValueError(f"{path} is not a readable .npz of plain arrays ({e}); delete it to recompute it") from e
+    raise CorruptFileError(f"{path} is not a readable .npz of plain arrays ({e}); delete it to recompute it") from e
 
 
 def atomic_save_figure(figure, path: str, dpi: int = 110) -> None:

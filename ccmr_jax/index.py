@@ -103,7 +103,7 @@ def load_searcher(path: str) -> Searcher:
   if not files.exists(info_path) or not files.exists(os.path.join(path, "scann_assets.pbtxt")):
     raise FileNotFoundError(f"no ScaNN index at {path}")
   if files.exists(os.path.join(path, "scann_docids.pkl")):
-    raise ValueError(f"{path} holds scann_docids.pkl, which this project never writes; "
+    raise files.CorruptFileError(f"{path} holds scann_docids.pkl, which this project never writes; "
                      "refusing to unpickle it. Delete the folder to rebuild the index.")
   try:
     info = files.read_json(info_path)
@@ -115,7 +115,7 @@ def load_searcher(path: str) -> Searcher:
       scann = scann_ops_pybind.load_searcher(path)
     return Searcher(scann, info["mode"], int(info["size"]), info["settings"])
   except (RuntimeError, ValueError, KeyError) as e:
-    raise ValueError(f"ScaNN index at {path} is unreadable ({e}); delete the folder to rebuild it") from e
+    raise files.CorruptFileError(f"ScaNN index at {path} is unreadable ({e}); delete the folder to rebuild it") from e
 
 
 def search(searcher: Searcher, queries: np.ndarray, num_neighbors: int) -> tuple[np.ndarray, np.ndarray]:

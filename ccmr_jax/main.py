@@ -2,6 +2,8 @@
 
 With no ``--config`` the embedded default (``configs/scenes.py``) runs.
 Config fields are overridden with ``--config.section.field=value``.
+Rerunning the same command resumes a killed run; ``--allow_config_change``
+resumes a workdir under a changed config.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where snapshots, indexes and results go.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir made with another config (the differences are logged).")
 
 
 def main(argv) -> None:
@@ -29,7 +33,7 @@ def main(argv) -> None:
       distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
     except ValueError as e:
       raise experiment.UserError(str(e)) from e
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    experiment.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except experiment.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -125,41 +125,62 @@ def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> T
 
 def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
         schedule: optax.Schedule, total_steps: int, task: int, log_every: int,
-        on_log: Callable[[int, dict], None] | None = None, teacher_params=None):
+        on_log: Callable[[int, dict], None] | None = None, teacher_params=None, start_step: int = 0,
+        checkpoint_every: int = 0, on_checkpoint: Callable[[int, TrainState], None] | None = None):
   """Runs ``step_fn`` over ``batches`` with the learning rates of ``schedule``.
 
-  Logs every ``log_every`` steps. ``teacher_params`` (None, or the params
-  distilled from) go to every step.
+  Args:
+    state: the state after ``start_step`` steps of this task.
+    step_fn: the jitted step of :func:`make_train_step`.
+    batches: this process's share of the batches after the first ``start_step``.
+    mesh: the device mesh.
+    schedule: the task's learning rate by step (0-based).
+    total_steps: the task's length, resumed steps included.
+    task: the task index, for messages.
+    log_every: steps between logs; the loss is checked for NaN/Inf there.
+    on_log: called with ``(step, metrics)`` at every log.
+    teacher_params: None, or the params distilled from (go to every step).
+    start_step: steps already done (a resumed task).
+    checkpoint_every: steps between calls of ``on_checkpoint`` (0: never);
+      not called at the last step (the task's end is the caller's to save).
+    on_checkpoint: called with ``(step, state)`` after the loss of that step
+      was checked finite, so a checkpoint never holds a diverged state.
 
-  The host waits for the device only at log points, where the loss is also
-  checked: a NaN or Inf stops the run with the task and step named.
+  The host waits for the device only at log and checkpoint points.
 
   Returns:
     ``(state, last_metrics)``.
+
+  Raises:
+    FloatingPointError: the loss is NaN or Inf (task and step named).
   """
   start = time.perf_counter()
-  last_log_time, last_log_step = start, 0
+  last_log_time, last_log_step = start, start_step
   metrics: dict = {}
-  step = 0
-  for step, local_batch in enumerate(batches, start=1):
+  step = start_step
+  for step, local_batch in enumerate(batches, start=start_step + 1):
     learning_rate = np.float32(schedule(step - 1))
     state, device_metrics = step_fn(state, sharding.to_global(local_batch, mesh), learning_rate, teacher_params)
-    if step % log_every == 0 or step == total_steps:
+    log_now = step % log_every == 0 or step == total_steps
+    checkpoint_now = on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 \
+        and step < total_steps
+    if log_now or checkpoint_now:
       metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       metrics["learning_rate"] = float(learning_rate)
       if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"training diverged: loss={metrics['loss']} at step {step} of task {task}; "
-            "lower train.learning_rate or check the data")
+        raise FloatingPointError(f"training diverged: loss={metrics['loss']} at step {step} of task {task}")
+    if log_now:
       now = time.perf_counter()
       batch_size = len(local_batch["image"]) * jax.process_count()
       metrics["pairs_per_s"] = (step - last_log_step) * batch_size / (now - last_log_time)
-      eta = (total_steps - step) * (now - start) / step
+      eta = (total_steps - step) * (now - start) / (step - start_step)
       logging.info("task %d step %d/%d loss %.4f pairs/s %.0f eta %.0fs", task, step, total_steps,
                    metrics["loss"], metrics["pairs_per_s"], eta)
       if on_log is not None:
         on_log(step, metrics)
       last_log_time, last_log_step = now, step
+    if checkpoint_now:
+      on_checkpoint(step, state)
   if step != total_steps:
     raise RuntimeError(f"task {task}: expected {total_steps} steps, the data gave {step}")
   return state, metrics

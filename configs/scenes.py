@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 1e-4
   config.train.grad_clip = 1.0
   config.train.log_every = 20
+  # Steps between progress checkpoints (0: none): a killed run resumes from the last one.
+  config.train.checkpoint_every = 50
 
   # Hyperparameters of the strategy components (ewc, lwf, replay, ...): see ccmr_jax/continual/strategies.py.
   config.continual = continual_defaults()

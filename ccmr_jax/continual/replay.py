@@ -213,8 +213,18 @@ class ReplayMemory:
 
   @classmethod
   def load(cls, path: str) -> "ReplayMemory":
-    """Reads a memory written by :meth:`save` (never unpickles)."""
-    return cls.from_arrays(files.load_npz(path))
+    """Reads a memory written by :meth:`save` (never unpickles).
+
+    Raises:
+      files.CorruptFileError: the file is not such a memory.
+    """
+    try:
+      return cls.from_arrays(files.load_npz(path))
+    except files.CorruptFileError:
+      raise
+    except ValueError as e:
+      raise files.CorruptFileError(f"{path}: {e}; delete it with the snapshots of its task and later ones "
+                                   "to retrain them") from e
 
 
 def replay_size(batch_size: int, replay_fraction: float) -> int:
