@@ -126,8 +126,11 @@ def retrieval_metrics(i2t_rows: np.ndarray, t2i_rows: np.ndarray, truth: GroundT
 def make_embedder(model, mesh: Mesh, batch_size: int) -> tuple[Callable, Callable]:
   """Jitted, data-parallel ``embed_images(params, images)`` and ``embed_texts(params, tokens)``.
 
-  Inputs are cut into batches of ``batch_size`` (the last one padded, so one
-  compiled program serves every call); returns host ``float32 [N, D]``.
+  Inputs are cut into batches of ``batch_size`` (the last one padded with
+  zeros, so one compiled program serves every call); returns host
+  ``float32 [N, D]``. Each process reads only its share of each batch, one
+  batch at a time, so file-backed images
+  (:class:`~ccmr_jax.data.images.CachedImages`) are never read whole.
   """
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
   replicated, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -139,12 +142,13 @@ def make_embedder(model, mesh: Mesh, batch_size: int) -> tuple[Callable, Callabl
     def embed(params, inputs: np.ndarray) -> np.ndarray:
       n = len(inputs)
       padded = -(-n // batch_size) * batch_size
-      inputs = np.concatenate([inputs, np.zeros((padded - n, *inputs.shape[1:]), inputs.dtype)])
       share = batch_size // jax.process_count()
       lo = jax.process_index() * share
       outs = []
       for start in range(0, padded, batch_size):
-        local = inputs[start + lo:start + lo + share]
+        local = np.zeros((share, *inputs.shape[1:]), inputs.dtype)
+        rows = np.asarray(inputs[min(start + lo, n):min(start + lo + share, n)])
+        local[:len(rows)] = rows
         out = fn(params, jax.make_array_from_process_local_data(split, local))
         outs.append(out)
       gathered = [np.asarray(multihost_utils.process_allgather(o, tiled=True)) for o in outs]

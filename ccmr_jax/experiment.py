@@ -44,15 +44,17 @@ from ccmr_jax.continual import replay
 from ccmr_jax.continual.importance import fisher_diagonal, mas_importance
 from ccmr_jax.continual.regularizers import regularizer_states, transfer_regularizer_states
 from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
+from ccmr_jax.data import sources
 from ccmr_jax.data.batches import PairSampler, caption_text_ids
-from ccmr_jax.data.scenes import SceneSpec, make_scenes
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
 from ccmr_jax.losses import LOSSES
 from ccmr_jax.models.dual_encoder import build_model
+from ccmr_jax.models.resnet import load_image_tower_weights
 
-DATA_SOURCES = ("scenes",)
+DATA_SOURCES = sources.DATA_SOURCES
 EVAL_SPLITS = ("val", "test")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -71,8 +73,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not value > 0:
       raise UserError(f"{path} must be positive, got {value!r}")
 
-  if config.data.source not in DATA_SOURCES:
-    raise UserError(f"unknown data.source {config.data.source!r}; choose one of {list(DATA_SOURCES)}")
+  try:
+    sources.check_data_config(config)
+  except ValueError as e:
+    raise UserError(str(e)) from e
   if config.loss.name not in LOSSES:
     raise UserError(f"unknown loss.name {config.loss.name!r}; choose one of {list(LOSSES)}")
   if config.eval.index_mode not in index.INDEX_MODES:
@@ -90,16 +94,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     positive(path, config[section][field])
   if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
     raise UserError(f"eval.ks must be positive integers including 1, got {tuple(config.eval.ks)}")
-  checkpoint_every = config.train.checkpoint_every
+  checkpoint_every = config.train.get("checkpoint_every", 0)  # absent (a run made before it existed): none
   if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
     raise UserError(f"train.checkpoint_every must be a whole number of steps, 0 for never, got {checkpoint_every!r}")
 
 
 def load_task_stream(config: ml_collections.ConfigDict) -> TaskStream:
-  if config.data.source == "scenes":
-    dataset = make_scenes(SceneSpec(**config.data.scenes))
-  else:  # check_config has already refused anything else
-    raise UserError(f"unknown data.source {config.data.source!r}")
+  """The task stream of ``config.data``; missing or malformed data is a :class:`UserError`."""
+  try:
+    dataset = sources.load_dataset(config)
+  except sources.DataError as e:
+    raise UserError(str(e)) from e
   try:
     return split_into_tasks(dataset, config.data.num_tasks, config.data.unlabeled)
   except ValueError as e:
@@ -133,6 +138,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, allow_confi
     files.atomic_write_text(probe, "ok")
     files.remove(probe)
   except OSError as e:
+    if e.errno in _DISK_FULL:
+      raise
     raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}; choose another --workdir") from e
   path = os.path.join(workdir, "config.json")
   new = _config_json(config)
@@ -347,7 +354,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   except files.CorruptFileError as e:
     raise UserError(str(e)) from e
   except OSError as e:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in _DISK_FULL:
       raise UserError(f"no space left on the device while writing {e.filename or 'to the workdir'}; free space "
                       "(or use a --workdir on a larger disk) and rerun the same command: finished tasks and the "
                       "last checkpoint are kept, half-written files are not") from e
@@ -374,11 +381,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: b
     model = build_model(config.model, tokenizer.vocab_size, tokenizer.max_length)
   except ValueError as e:
     raise UserError(str(e)) from e
-  image_size = config.data.scenes.image_size
+  image_size = sources.input_image_size(config)
   dummy_images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
   dummy_tokens = jnp.zeros((1, tokenizer.max_length), jnp.int32)
   params = jax.jit(model.init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(config.seed), dummy_images, dummy_tokens)
+  if config.model.get("image_tower_weights"):
+    try:
+      params = sharding.replicate(load_image_tower_weights(params, config.model.image_tower_weights), mesh)
+    except (OSError, ValueError) as e:
+      raise UserError(f"model.image_tower_weights: {e}") from e
+    logging.info("image tower initialised from %s", config.model.image_tower_weights)
   optimizer = train.make_optimizer(config.train, strategy.regularizers(config))
   loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None)
   step_fn = train.make_train_step(loss_fn, optimizer, mesh)
@@ -435,7 +448,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: b
       state, _ = train.fit(state, step_fn, batches, mesh, schedule, total_steps, t, config.train.log_every,
                            on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"),
                            teacher_params=teacher, start_step=start_step,
-                           checkpoint_every=config.train.checkpoint_every,
+                           checkpoint_every=config.train.get("checkpoint_every", 0),
                            on_checkpoint=lambda step, s: checkpoint.save_progress(workdir, t, step, s))
       params = state.params
       # The continual state is saved before the snapshot, so an existing snapshot implies it is on disk.

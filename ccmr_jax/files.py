@@ -21,7 +21,12 @@ import os
 import tempfile
 
 import numpy as np
-from etils import epath
+
+# One backend for cloud paths whether or not TensorFlow is installed (the `data` extra brings it): fsspec
+# (gcsfs/s3fs), as documented. Set EPATH_USE_TF=true to route them through tf.io.gfile instead.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
 
 _REMOTE_PREFIXES = ("gs://", "s3://")
 
@@ -161,6 +166,39 @@ def upload_folder(local_folder: str, path: str, last: str) -> None:
   names = sorted(os.listdir(local_folder), key=lambda name: name == last)
   for name in names:
     (target / name).write_bytes(epath.Path(local_folder, name).read_bytes())
+
+
+def _files_under(root: epath.Path) -> list[epath.Path]:
+  found = []
+  for item in root.iterdir():
+    found += _files_under(item) if item.is_dir() else [item]
+  return found
+
+
+def copy_tree(source: str, path: str) -> None:
+  """Copies the folder ``source`` to ``path`` (local or cloud), whole or absent locally.
+
+  Locally the copy is made beside ``path`` and renamed onto it; on cloud
+  storage files are copied one by one, an Orbax completion marker last.
+  """
+  root = epath.Path(source)
+  # Orbax marks a checkpoint on cloud storage complete with commit_success.txt: it goes last.
+  items = sorted(_files_under(root), key=lambda item: item.name == "commit_success.txt")
+  staged = path
+  if not is_remote(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+  try:
+    for item in items:
+      target = epath.Path(staged) / item.relative_to(root)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(item.read_bytes())
+    if staged != path:
+      os.replace(staged, path)
+  finally:
+    if staged != path and os.path.exists(staged):
+      epath.Path(staged).rmtree()
 
 
 def download_folder(path: str, local_folder: str) -> None:

@@ -123,6 +123,11 @@ def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> T
   return sharding.replicate(state, mesh)
 
 
+@jax.jit
+def _all_finite(tree) -> jnp.ndarray:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
         schedule: optax.Schedule, total_steps: int, task: int, log_every: int,
         on_log: Callable[[int, dict], None] | None = None, teacher_params=None, start_step: int = 0,
@@ -143,8 +148,9 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.nda
     start_step: steps already done (a resumed task).
     checkpoint_every: steps between calls of ``on_checkpoint`` (0: never);
       not called at the last step (the task's end is the caller's to save).
-    on_checkpoint: called with ``(step, state)`` after the loss of that step
-      was checked finite, so a checkpoint never holds a diverged state.
+    on_checkpoint: called with ``(step, state)`` once that step's loss and
+      the new parameters are checked finite: a checkpoint never holds a
+      diverged state.
 
   The host waits for the device only at log and checkpoint points.
 
@@ -152,7 +158,8 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.nda
     ``(state, last_metrics)``.
 
   Raises:
-    FloatingPointError: the loss is NaN or Inf (task and step named).
+    FloatingPointError: the loss or the parameters are NaN or Inf (task and
+      step named).
   """
   start = time.perf_counter()
   last_log_time, last_log_step = start, start_step
@@ -180,6 +187,8 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterable[dict[str, np.nda
         on_log(step, metrics)
       last_log_time, last_log_step = now, step
     if checkpoint_now:
+      if not bool(_all_finite(state.params)):
+        raise FloatingPointError(f"training diverged: non-finite parameters at step {step} of task {task}")
       on_checkpoint(step, state)
   if step != total_steps:
     raise RuntimeError(f"task {task}: expected {total_steps} steps, the data gave {step}")

@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.conv = ml_collections.ConfigDict(dict(patch=4, widths=(64, 128), features=256))
   config.model.transformer = ml_collections.ConfigDict(dict(width=128, depth=2, heads=4))
   config.model.gru = ml_collections.ConfigDict(dict(width=128))
+  # An .npz of image-tower weights to start from ("": from scratch); format: ccmr_jax/models/resnet.py.
+  config.model.image_tower_weights = ""
 
   config.loss = ml_collections.ConfigDict(dict(name="info_nce", margin=0.2))
 

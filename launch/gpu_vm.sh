@@ -23,7 +23,7 @@ driver installed at first boot) running `python -m ccmr_jax.main`:
   create   gcloud compute instances create (GPUs, DLVM image, TERMINATE on
            host maintenance, storage read-write scope for gs:// workdirs)
   setup    copy the code (git archive HEAD, or --repo URL), wait for the NVIDIA
-           driver, `pip install -e '.[cuda]'` into ~/ccmr_venv
+           driver, `pip install -e '.[cuda,data]'` into ~/ccmr_venv
   run      start the program detached with nohup (log: ~/ccmr_run.log), then
            follow the log until the program ends; exits with its status
   logs     follow the log until the program ends
@@ -167,7 +167,7 @@ cmd_setup() {
     run rm -f "$(local_tarball)"
   fi
   compute ssh "$NAME" "--zone=$ZONE" \
-    "--command=$(remote_setup_cmd cuda "$(wait_for_driver_cmd)")"
+    "--command=$(remote_setup_cmd cuda,data "$(wait_for_driver_cmd)")"
 }
 
 cmd_run() {

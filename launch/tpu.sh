@@ -19,7 +19,7 @@ Life cycle of a Cloud TPU VM (one host or a multi-host pod slice) running
 
   create   gcloud compute tpus tpu-vm create
   setup    copy the code to every worker (git archive HEAD, or --repo URL) and
-           `pip install -e '.[tpu]'` into ~/ccmr_venv on every worker
+           `pip install -e '.[tpu,data]'` into ~/ccmr_venv on every worker
   run      start the program on all workers (--worker=all), detached with nohup
            (log: ~/ccmr_run.log on each worker), then follow worker 0's log
            until the program ends; exits with the program's status
@@ -141,7 +141,7 @@ cmd_setup() {
     tpu scp "$(local_tarball)" "$NAME:$REMOTE_TARBALL" "--zone=$ZONE" --worker=all
     run rm -f "$(local_tarball)"
   fi
-  tpu ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$(remote_setup_cmd tpu)"
+  tpu ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$(remote_setup_cmd tpu,data)"
 }
 
 # The accelerator type decides multi-host handling; make sure it is the one of

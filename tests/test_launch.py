@@ -346,7 +346,7 @@ def test_tpu_setup_copies_checkout(sh):
     remote = opt(ssh, "--command")
     assert "tar -xzf ~/ccmr_jax.tar.gz -C ~/ccmr_jax" in remote
     assert "python3 -m venv ~/ccmr_venv" in remote
-    assert '~/ccmr_venv/bin/python -m pip install -e ".[tpu]"' in remote
+    assert '~/ccmr_venv/bin/python -m pip install -e ".[tpu,data]"' in remote
     assert remote.index("tar -xzf") < remote.index("pip install -e")
 
 
@@ -607,7 +607,7 @@ def test_gpu_setup(sh):
     assert ssh[:5] == ["gcloud", "compute", "ssh", "my-gpu", "--zone=us-central1-a"]
     remote = opt(ssh, "--command")
     assert "nvidia-smi" in remote
-    assert '~/ccmr_venv/bin/python -m pip install -e ".[cuda]"' in remote
+    assert '~/ccmr_venv/bin/python -m pip install -e ".[cuda,data]"' in remote
 
 
 def test_gpu_run_fetch_delete(sh):

@@ -31,6 +31,7 @@ import numpy as np
 from ccmr_jax import files
 from ccmr_jax.data.batches import PairSampler, caption_text_ids
 from ccmr_jax.data.examples import Examples, concatenate
+from ccmr_jax.data.images import decode_ahead
 from ccmr_jax.data.task_split import TaskStream
 from ccmr_jax.data.tokenizer import Tokenizer
 
@@ -296,10 +297,18 @@ class MixedSampler:
 
   def epoch(self, batch_size: int, seed: int, task: int, epoch: int,
             process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of one epoch (this process's share of each global batch), keys as ``PairSampler``."""
+    """The batches of one epoch (this process's share of each global batch), keys as ``PairSampler``.
+
+    File-backed images are read ahead (and augmented) as in :meth:`PairSampler.epoch`.
+    """
+    return decode_ahead(self._lazy_epoch(batch_size, seed, task, epoch, process_index, process_count),
+                        self.current.examples.images, (seed, task, epoch))
+
+  def _lazy_epoch(self, batch_size: int, seed: int, task: int, epoch: int,
+                  process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
     num_replayed = self.replay_size(batch_size)
-    current_batches = self.current.epoch(batch_size - num_replayed, seed, task, epoch, process_index,
-                                         process_count)
+    current_batches = self.current.lazy_epoch(batch_size - num_replayed, seed, task, epoch, process_index,
+                                              process_count)
     if self.memory is None:
       yield from current_batches
       return

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from ccmr_jax.data.examples import Examples, normalize_caption
+from ccmr_jax.data.images import decode_ahead
 from ccmr_jax.data.tokenizer import Tokenizer
 
 
@@ -54,7 +55,18 @@ class PairSampler:
 
   def epoch(self, batch_size: int, seed: int, task: int, epoch: int,
             process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of one epoch (this process's share of each global batch)."""
+    """The batches of one epoch (this process's share of each global batch).
+
+    File-backed images (:class:`~ccmr_jax.data.images.CachedImages`) are read
+    a few batches ahead, as training crops drawn from ``(seed, task, epoch,
+    step)`` when their ``augment`` is on; in-memory images are indexed as is.
+    """
+    return decode_ahead(self.lazy_epoch(batch_size, seed, task, epoch, process_index, process_count),
+                        self.examples.images, (seed, task, epoch))
+
+  def lazy_epoch(self, batch_size: int, seed: int, task: int, epoch: int,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of :meth:`epoch` before any image is read: file-backed images stay lazy views."""
     steps = self.steps_per_epoch(batch_size)
     if steps == 0:
       raise ValueError(f"batch_size={batch_size} is larger than the {len(self.examples)} training images of task {task}")

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ccmr_jax.data.tokenizer import PAD_ID
+from ccmr_jax.models.resnet import ResNetTower
+from ccmr_jax.models.vit import CausalTextTower, VisionTransformerTower
 
 
 def space_to_depth(x: jnp.ndarray, patch: int) -> jnp.ndarray:
@@ -116,5 +118,5 @@ class GRUTextTower(nn.Module):
     return jnp.concatenate([forward, backward], axis=-1)
 
 
-IMAGE_TOWERS = {"conv": ConvImageTower}
-TEXT_TOWERS = {"transformer": TransformerTextTower, "gru": GRUTextTower}
+IMAGE_TOWERS = {"conv": ConvImageTower, "vit": VisionTransformerTower, "resnet": ResNetTower}
+TEXT_TOWERS = {"transformer": TransformerTextTower, "gru": GRUTextTower, "causal_transformer": CausalTextTower}

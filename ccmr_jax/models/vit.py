@@ -1,0 +1,163 @@
+"""Transformer towers with open_clip's layout: a ViT image tower and a causal text tower.
+
+Both follow ``open_clip.transformer`` (``VisionTransformer``, ``TextTransformer``)
+block for block, so a config here and an open_clip model config describe the
+same network: pre-LayerNorm residual blocks (fused QKV projection, exact
+GELU MLP of ``mlp_ratio × width``), LayerNorm epsilon 1e-5, a class token
+and ``ln_pre`` / ``ln_post`` in the image tower, a causal mask and pooling at
+the last token in the text tower. The projection into the shared space is
+the dual encoder's (a dense layer with bias; open_clip's has none).
+
+Per image of ``N = (H/p)·(W/p)`` patches and per caption of ``L`` tokens, the
+forward pass costs (multiply-adds counted as 2 FLOPs, width ``w``, depth ``d``)
+
+  ``image: 2·N·(3·p²)·w + d·(24·(N+1)·w² + 4·(N+1)²·w)``
+  ``text:  d·(24·L·w² + 4·L²·w)``
+
+(per block: QKV 6·T·w², output 2·T·w², MLP 16·T·w², scores and weighted sum
+2·2·T²·w); training costs three times the forward pass.
+
+``remat=True`` recomputes each block's activations in the backward pass
+instead of storing them (``flax.linen.remat``): less memory for large towers
+and batches, about one more forward pass of compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ccmr_jax.data.tokenizer import PAD_ID
+
+LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, which open_clip uses
+
+
+class ResidualAttentionBlock(nn.Module):
+  """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; causal attention if ``causal``."""
+
+  width: int
+  heads: int
+  mlp_ratio: float = 4.0
+  causal: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.width % self.heads:
+      raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+    batch, length, _ = x.shape
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_1")(x)
+    qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")(y)
+    query, key, value = jnp.split(qkv.reshape(batch, length, 3 * self.heads, self.width // self.heads), 3, axis=2)
+    y = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+    x = x + nn.Dense(self.width, dtype=self.dtype, name="out_proj")(y.reshape(batch, length, self.width))
+    y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_2")(x)
+    y = nn.gelu(nn.Dense(int(self.mlp_ratio * self.width), dtype=self.dtype, name="c_fc")(y), approximate=False)
+    return x + nn.Dense(self.width, dtype=self.dtype, name="c_proj")(y)
+
+
+class Transformer(nn.Module):
+  """``depth`` residual attention blocks, each rematerialised if ``remat``."""
+
+  width: int
+  depth: int
+  heads: int
+  mlp_ratio: float = 4.0
+  causal: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    for i in range(self.depth):
+      x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dtype, name=f"block_{i}")(x)
+    return x
+
+
+class VisionTransformerTower(nn.Module):
+  """ViT image tower: ``uint8 [B, H, W, 3]`` → ``[B, width]``, the class token after ``ln_post``.
+
+  Pixels are scaled to [-1, 1]; the ``patch``x``patch`` patch embedding (a
+  strided convolution without bias) is a matmul over flattened patches.
+  """
+
+  patch: int = 16
+  width: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_ratio: float = 4.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+    batch, height, width, channels = images.shape
+    p = self.patch
+    if height % p or width % p:
+      raise ValueError(f"image side {height}x{width} is not divisible by the patch size {p}")
+    x = images.astype(self.dtype) / 127.5 - 1.0
+    x = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, (height // p) * (width // p), p * p * channels)
+    x = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="patch_embed")(x)
+    init = nn.initializers.normal(self.width ** -0.5)
+    class_token = self.param("class_embedding", init, (self.width,)).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(class_token, (batch, 1, self.width)), x], axis=1)
+    x = x + self.param("position_embedding", init, (x.shape[1], self.width)).astype(self.dtype)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_pre")(x)
+    x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, remat=self.remat, dtype=self.dtype,
+                    name="transformer")(x)
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_post")(x[:, 0])
+
+
+class CausalTextTower(nn.Module):
+  """open_clip's text transformer: ``int32 [B, L]`` tokens → ``[B, width]``.
+
+  Token + position embeddings, causal blocks, ``ln_final``, then the feature
+  at each caption's last token (the tokenizer's ids end there; padding
+  follows), which under the causal mask is the one that has seen the whole
+  caption: open_clip's end-of-text pooling.
+  """
+
+  vocab_size: int
+  max_length: int
+  width: int = 512
+  depth: int = 12
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="token_embedding")(tokens)
+    position = self.param("position_embedding", nn.initializers.normal(0.01), (self.max_length, self.width))
+    x = x + position[: tokens.shape[1]].astype(self.dtype)
+    x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, causal=True, remat=self.remat,
+                    dtype=self.dtype, name="transformer")(x)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_final")(x)
+    last = jnp.maximum((tokens != PAD_ID).sum(-1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+
+
+def vit_forward_flops(image_size: int, patch: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+  """Forward FLOPs of :class:`VisionTransformerTower` for one image (formula in the module docstring)."""
+  patches = (image_size // patch) ** 2
+  tokens = patches + 1
+  return 2.0 * patches * 3 * patch * patch * width + depth * block_forward_flops(tokens, width, mlp_ratio)
+
+
+def text_forward_flops(length: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+  """Forward FLOPs of :class:`CausalTextTower` for one caption of ``length`` tokens.
+
+  The causal mask does not save work: the full ``L x L`` scores are computed.
+  """
+  return depth * block_forward_flops(length, width, mlp_ratio)
+
+
+def block_forward_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
+  """``2·T·w·(3w + w + 2·mlp_ratio·w) + 4·T²·w``: the matmuls of one block over ``T`` tokens."""
+  return 2.0 * tokens * width * (4 * width + 2 * mlp_ratio * width) + 4.0 * tokens * tokens * width

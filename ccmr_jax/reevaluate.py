@@ -1,0 +1,81 @@
+"""Evaluate a finished run's snapshots again, on another split or with other evaluation settings.
+
+  python -m ccmr_jax.reevaluate --source=runs/ewc --workdir=runs/ewc_val --split=val \\
+      [--index_mode=approximate]
+
+Training is the expensive stage; the snapshots ``S_t`` it leaves fix
+everything evaluation needs. This command copies a run's ``config.json``,
+``tokenizer.json`` and ``snapshots/`` into a new workdir, changes only
+``config.eval`` (the split, the index mode), and runs the experiment there:
+every task has its snapshot, so nothing is trained, and the new workdir gets
+the recall matrices, reports and analysis of that evaluation.
+
+Use it to tune on ``val`` and report on ``test`` from the same trained
+models: choose hyperparameters by the ``val`` numbers only. It runs as one
+process (evaluation is cheap next to training).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import ml_collections
+from absl import app, flags, logging
+
+from ccmr_jax import checkpoint, experiment, files
+
+_COPIED_FILES = ("config.json", "tokenizer.json")
+
+
+def prepare(source: str, workdir: str, split: str, index_mode: str | None = None) -> ml_collections.ConfigDict:
+  """Copies ``source``'s config, tokenizer and snapshots into ``workdir``; returns the new config.
+
+  Raises:
+    experiment.UserError: ``source`` is not a run with snapshots, or
+      ``workdir`` holds a run of another config.
+  """
+  if split not in experiment.EVAL_SPLITS:
+    raise experiment.UserError(f"unknown split {split!r}; choose one of {list(experiment.EVAL_SPLITS)}")
+  for name in _COPIED_FILES:
+    if not files.exists(os.path.join(source, name)):
+      raise experiment.UserError(f"{source} has no {name}: --source must be the workdir of a run")
+  snapshots = checkpoint.completed_snapshots(source)
+  if not snapshots:
+    raise experiment.UserError(f"{source} has no snapshot yet: train it first")
+  config = ml_collections.ConfigDict(files.read_json(os.path.join(source, "config.json")))
+  config.eval.split = split
+  if index_mode is not None:
+    config.eval.index_mode = index_mode
+  experiment.prepare_workdir(workdir, config)  # refuses a workdir of another config before anything is copied
+  tokenizer = files.read_bytes(os.path.join(source, "tokenizer.json"))
+  files.atomic_write_bytes(os.path.join(workdir, "tokenizer.json"), tokenizer)
+  for task in snapshots:
+    if task not in checkpoint.completed_snapshots(workdir):
+      files.copy_tree(checkpoint.snapshot_dir(source, task), checkpoint.snapshot_dir(workdir, task))
+  return config
+
+
+_SOURCE = flags.DEFINE_string("source", None, "Workdir of a run whose snapshots are evaluated.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "New workdir for the evaluation.")
+_SPLIT = flags.DEFINE_enum("split", "val", list(experiment.EVAL_SPLITS), "Split to evaluate on.")
+_INDEX_MODE = flags.DEFINE_string("index_mode", None, "eval.index_mode for the new evaluation (default: the run's).")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  experiment.configure_logging()
+  try:
+    config = prepare(_SOURCE.value, _WORKDIR.value, _SPLIT.value, _INDEX_MODE.value)
+    experiment.run(config, _WORKDIR.value)
+  except experiment.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("evaluated the snapshots of %s on %s in %s", _SOURCE.value, _SPLIT.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["source", "workdir"])
+  app.run(main)
