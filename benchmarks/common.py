@@ -55,8 +55,9 @@ def machine_info() -> dict:
 def print_header(title: str, argv: Sequence[str] | None = None) -> dict:
   """Prints the command, the machine and the load; returns the machine info."""
   info = machine_info()
-  command = " ".join(["python -m", sys.modules["__main__"].__spec__.name if sys.modules["__main__"].__spec__
-                      else sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+  spec = sys.modules["__main__"].__spec__
+  program = f"python -m {spec.name}" if spec else f"python {sys.argv[0]}"
+  command = " ".join([program, *(sys.argv[1:] if argv is None else argv)])
   print(f"# {title}")
   print(f"command: {command}")
   print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

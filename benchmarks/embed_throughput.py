@@ -45,7 +45,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if args.quick:
     args.workloads, args.rounds, args.batch_size, args.num_items = "tiny", 1, 8, 16
-  common.print_header("Embedding throughput per tower")
+  common.print_header("Embedding throughput per tower", argv)
   peer_available = common.module_available("open_clip") and common.module_available("torch")
   if not peer_available:
     print("open_clip/torch not importable (pip install -e '.[bench]'): timing the JAX side only")

@@ -25,6 +25,7 @@ import time
 from benchmarks import common
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPOSITORY, "configs", "scenes.py")
 TARGET_SECONDS = 300
 TARGET_BYTES = 4 * 2 ** 30
 
@@ -49,14 +50,14 @@ def run(config: str, workdir: str, overrides: list[str]) -> dict:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/scenes.py")
+  parser.add_argument("--config", default=DEFAULT_CONFIG)
   parser.add_argument("--workdir", default=None, help="a fresh folder (default: a temporary one, removed after)")
   parser.add_argument("--override", action="append", default=[], help="a --config.x=y flag for the run")
   parser.add_argument("--quick", action="store_true", help="configs/tiny.py")
   args = parser.parse_args(argv)
   if args.quick:
-    args.config = "configs/tiny.py"
-  common.print_header("End to end: one whole run")
+    args.config = os.path.join(REPOSITORY, "configs", "tiny.py")
+  common.print_header("End to end: one whole run", argv)
   if args.workdir:
     outcome = run(args.config, args.workdir, args.override)
   else:
@@ -65,9 +66,12 @@ def main(argv=None) -> None:
   timings = outcome["results"].get("timings", [])
   print(common.markdown_table(["task", "train s", "eval s"], [[t["task"], t["train_s"], t["eval_s"]] for t in timings]))
   wall, peak = outcome["wall_s"], outcome["peak_rss_bytes"]
-  print(f"\nwall time {wall:.1f}s (target <= {TARGET_SECONDS}s: {'met' if wall <= TARGET_SECONDS else 'not met'}), "
-        f"peak RSS {peak / 2 ** 30:.2f} GiB (target <= 4 GiB: {'met' if peak <= TARGET_BYTES else 'not met'}); "
-        f"training {sum(t['train_s'] for t in timings):.1f}s, evaluation {sum(t['eval_s'] for t in timings):.1f}s")
+  train_s, eval_s = sum(t["train_s"] for t in timings), sum(t["eval_s"] for t in timings)
+  print(f"\nwall time {wall:.1f}s, peak RSS {peak / 2 ** 30:.2f} GiB; "
+        f"training {train_s:.1f}s, evaluation {eval_s:.1f}s")
+  if os.path.abspath(args.config) == DEFAULT_CONFIG and not args.override:
+    print(f"targets of the embedded default: <= {TARGET_SECONDS}s {'met' if wall <= TARGET_SECONDS else 'NOT met'}, "
+          f"<= 4 GiB {'met' if peak <= TARGET_BYTES else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from benchmarks import workloads
 
 def _create_model(workload: workloads.Workload):
   import open_clip
-  folder = tempfile.mkdtemp(prefix="ccmr_open_clip_")
   name = f"ccmr-bench-{workload.name}"
-  with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(workloads.open_clip_config(workload), f)
-  open_clip.add_model_config(folder)
+  with tempfile.TemporaryDirectory(prefix="ccmr_open_clip_") as folder:  # read once, when registered
+    with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
+      json.dump(workloads.open_clip_config(workload), f)
+    open_clip.add_model_config(folder)
   return open_clip.create_model(name, pretrained=None)
 
 

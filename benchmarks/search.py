@@ -192,7 +192,7 @@ def main(argv=None) -> None:
   if args.quick:
     args.num_items, args.dim, args.num_queries, args.num_clusters, args.exact_queries, args.rounds = (
         2000, 32, 100, 20, 50, 1)
-  common.print_header("Search: ScaNN vs exact vs faiss at matched recall@10")
+  common.print_header("Search: ScaNN vs exact vs faiss at matched recall@10", argv)
   cores = common.available_cores()
   start = time.perf_counter()
   gallery, queries = clustered_embeddings(args.num_items, args.num_queries, args.dim, args.num_clusters)

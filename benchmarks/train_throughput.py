@@ -107,7 +107,7 @@ class Trainer:
 
 
 def throughput(trainer: Trainer, peaks: dict, rounds: int, turn_seconds: float) -> dict:
-  """Pairs/s, model FLOP/s and MFU; the step timed in turns with each peak measurement in ``peaks``."""
+  """Pairs/s, model FLOP/s and each of ``peaks`` (FLOP/s), the step timed in turns with the peak matmuls."""
   steps = trainer.steps_per_turn(turn_seconds)
   values = common.alternate({**peaks, "step": lambda: trainer.steps(steps) / steps}, rounds)
   step_s = common.median(values["step"])
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     args.workloads, args.rounds, args.turn_seconds, args.peak_size = "tiny", 1, 0.0, 256
     args.remat_check = args.remat_check and "tiny"
     args.pipeline_check = args.pipeline_check and "tiny"
-  common.print_header("Training throughput and MFU")
+  common.print_header("Training throughput and MFU", argv)
   mesh = sharding.make_mesh()
   peaks = {"jitted matmul": common.matmul_peak(args.peak_size, args.dtype)}
   if jax.default_backend() == "cpu" and args.dtype == "float32":

@@ -46,8 +46,8 @@ def embedding_parity(workload: workloads.Workload, params, batch: dict, expected
 def compare(workload: workloads.Workload, rounds: int, turn_seconds: float) -> None:
   """Checks the two sides compute the same thing, times them in turns, prints the table and the ratio."""
   hyper = train_config().train
-  print(f"\n## workload {workload.name}: batch {workload.batch_size}, "
-        f"{workload.train_flops_per_step() / 1e9:.1f} GFLOP/step; open_clip config {workloads.open_clip_config(workload)}")
+  print(f"\n## workload {workload.name}: batch {workload.batch_size}, {workload.train_flops_per_step() / 1e9:.1f} "
+        f"GFLOP/step; open_clip config {workloads.open_clip_config(workload)}")
   peer = None
   params = None
   if common.module_available("open_clip") and common.module_available("torch"):
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if args.quick:
     args.workloads, args.rounds, args.turn_seconds = "tiny", 1, 0.0
-  common.print_header("Training: ccmr_jax vs open_clip, identical architecture")
+  common.print_header("Training: ccmr_jax vs open_clip, identical architecture", argv)
   hyper = train_config().train
   print(f"optimizer: clip_by_global_norm({hyper.grad_clip}) + AdamW(lr={hyper.learning_rate}, "
         f"weight_decay={hyper.weight_decay}) on every parameter; loss: symmetric InfoNCE")
