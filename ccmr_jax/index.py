@@ -8,8 +8,10 @@ Modes (``config.eval.index_mode``):
 
   * ``exact``: ScaNN's brute-force scorer in float32, the exact top-K. The
     default, and what results report unless told otherwise.
-  * ``approximate``: partitioning (a k-means tree with about ``sqrt(N)``
-    leaves) + asymmetric hashing (anisotropic, 2 dimensions per 4-bit block)
+  * ``approximate``: partitioning (a spherical k-means tree with about
+    ``sqrt(N)`` leaves: centres are unit vectors, which suits inner products
+    of unit vectors and doubled queries/s at equal recall in
+    ``benchmarks/search.py``) + asymmetric hashing (anisotropic, 2 dimensions per 4-bit block)
     + exact reordering of the best candidates: ScaNN's recipe for large
     galleries. Every approximate result is reported with its agreement with
     exact search (:func:`agreement`).
@@ -76,7 +78,7 @@ def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exac
                      "use eval.index_mode='exact' or 'auto'")
   settings = approximate_settings(size, k)
   scann = (builder.tree(num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
-                        training_sample_size=settings["training_sample_size"])
+                        training_sample_size=settings["training_sample_size"], spherical=True)
            .score_ah(2, anisotropic_quantization_threshold=0.2)
            .reorder(settings["reorder"]).build())
   return Searcher(scann, "approximate", size, settings)
