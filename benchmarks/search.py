@@ -86,10 +86,11 @@ def jax_exact_search(gallery: np.ndarray, block: int = 128):
   top_k = jax.jit(lambda q, g: jax.lax.top_k(q @ g.T, K)[1])
 
   def search(queries: np.ndarray) -> np.ndarray:
-    padded = -(-len(queries) // block) * block
-    queries = np.concatenate([queries, np.zeros((padded - len(queries), queries.shape[1]), np.float32)])
+    count = len(queries)
+    padded = -(-count // block) * block
+    queries = np.concatenate([queries, np.zeros((padded - count, queries.shape[1]), np.float32)])
     rows = [top_k(queries[i:i + block], gallery_device) for i in range(0, padded, block)]
-    return np.concatenate([np.asarray(r) for r in rows])[:len(queries)]
+    return np.concatenate([np.asarray(r) for r in rows])[:count]
 
   return search
 

@@ -140,7 +140,10 @@ def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1
 
 
 def agreement(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> float:
-  """Recall of the approximate top-K against the exact top-K: mean |A ∩ E| / K."""
+  """Recall of the approximate top-K against the exact top-K: mean |A ∩ E| / K, over the same queries."""
+  if len(approximate_rows) != len(exact_rows):
+    raise ValueError(f"agreement needs one row per query in both: got {len(approximate_rows)} approximate "
+                     f"and {len(exact_rows)} exact rows")
   k = exact_rows.shape[1]
   hits = [len(np.intersect1d(a[:k], e)) for a, e in zip(approximate_rows, exact_rows)]
   return float(np.mean(hits) / k) if hits else 1.0

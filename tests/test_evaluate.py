@@ -111,6 +111,8 @@ def test_approximate_index_reports_its_agreement_with_exact_search():
   value = index.agreement(rows, exact)
   assert 0.9 <= value <= 1.0
   assert index.agreement(exact, exact) == 1.0
+  with pytest.raises(ValueError, match="one row per query"):
+    index.agreement(rows[:5], exact)
   truth = evaluate.GroundTruth.from_captions([f"c{i}" for i in range(20_000)], np.arange(20_000))
   metrics = evaluate.query_gallery(queries, queries, searcher, searcher, truth, (1, 5, 10), gallery, gallery)
   assert metrics["ann_agreement"] == pytest.approx(value, abs=1e-6)
