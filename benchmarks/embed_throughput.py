@@ -3,7 +3,7 @@
   python -m benchmarks.embed_throughput                   # default and mid models
   python -m benchmarks.embed_throughput --quick
 
-The project's side is :func:`ccmr_jax.evaluate.make_embedder`, the jitted,
+The project's side is :func:`ccmr_jax.evaluate.make_embedders`, the jitted,
 data-parallel, fixed-batch embedder the evaluation uses (host uint8 images or
 int32 tokens in, host float32 unit vectors out). For the ``mid`` model, whose
 layout open_clip shares, open_clip's ``encode_image`` / ``encode_text`` (eval
@@ -28,7 +28,7 @@ def jax_embedders(workload: workloads.Workload, batch_size: int, num_items: int)
   model = build_model(workload.model, workload.vocab_size, workload.max_length)
   data = workload.batch(0, batch_size=num_items)
   params = jax.jit(model.init)(jax.random.key(0), data["image"][:1], data["tokens"][:1])
-  embed_images, embed_texts = evaluate.make_embedder(model, mesh, batch_size)
+  embed_images, embed_texts = evaluate.make_embedders(model, mesh, batch_size)
   measures = {"image": lambda: common.timed(lambda: embed_images(params, data["image"])),
               "text": lambda: common.timed(lambda: embed_texts(params, data["tokens"]))}
   for measure in measures.values():

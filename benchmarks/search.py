@@ -11,7 +11,7 @@ Ground truth: exact top-10 by inner product (blocked jitted matmul + top-k).
 
 Contenders, every one reported with recall@10 against the exact top-10:
 
-* exact search: the project's numpy reference (:func:`ccmr_jax.index.exact_top_k`,
+* exact search: the project's numpy reference (:func:`ccmr_jax.metrics.exact_top_k`,
   matmul + argpartition) and a jitted JAX matmul + ``lax.top_k``;
 * ScaNN as the project builds it (:func:`ccmr_jax.index.build_searcher`,
   ``approximate``: spherical k-means tree of √N leaves + anisotropic AH, 2
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from ccmr_jax import index
+from ccmr_jax import index, metrics
 
 K = 10
 
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
   start = time.perf_counter()
   truth = exact_jax(queries)
   print(f"exact top-{K} of every query: {time.perf_counter() - start:.1f}s")
-  exact_numpy = lambda q: index.exact_top_k(gallery, q, K)  # noqa: E731
+  exact_numpy = lambda q: metrics.exact_top_k(gallery, q, K)  # noqa: E731
   assert recall(exact_numpy(queries[:100]), truth[:100]) > 0.99, "numpy and JAX exact search disagree"
 
   methods = scann_methods(gallery)
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
   print(common.markdown_table(["method", "setting", f"recall@{K}", "QPS"], sweeps))
 
   exact_queries = queries[:args.exact_queries]
-  contenders = {f"exact numpy, ccmr_jax.index.exact_top_k ({cores} threads)": lambda: qps(exact_numpy, exact_queries),
+  contenders = {f"exact numpy, ccmr_jax.metrics.exact_top_k ({cores} threads)": lambda: qps(exact_numpy, exact_queries),
                 f"exact jax, matmul + top_k ({cores} threads)": lambda: qps(exact_jax, exact_queries)}
   recalls = dict.fromkeys(contenders, 1.0)
   for name, search, found in operating_points:

@@ -20,20 +20,19 @@ the confusion ranks by inner product, as the ``exact`` ScaNN index does.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccmr_jax import files
+from ccmr_jax import files, policies
+from ccmr_jax import workdir as layout
+from ccmr_jax.metrics import exact_top_k, unit_rows
 
 MODALITIES = ("images", "captions")
-POLICIES = ("reindex", "no_reindex")
 # Direction → (modality of the queries, modality of the gallery).
 QUERY_GALLERY = {"i2t": ("images", "captions"), "t2i": ("captions", "images")}
-_BLOCK_ROWS = 1024  # query rows per similarity block: bounds memory at _BLOCK_ROWS × gallery size
 
 DEFINITIONS = {
     "drift.mean_cosine[t][k]": "mean over task k's test items of cos(embedding by S_k, embedding by S_t); k < t",
@@ -52,37 +51,6 @@ DEFINITIONS = {
     "i2t / t2i": "i2t: image queries by S_t against the caption gallery; "
                  "t2i: caption queries by S_t against the image gallery",
 }
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-  vectors = np.asarray(vectors, np.float32)
-  if vectors.ndim != 2:
-    raise ValueError(f"expected a [N, D] array of vectors, got shape {vectors.shape}")
-  return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
-def _top_rows(queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
-  """Gallery rows of the ``k`` largest inner products of each query, best first.
-
-  Args:
-    queries: float32 ``[Q, D]``.
-    gallery: float32 ``[G, D]``.
-    k: how many rows per query; at most ``G`` (``G - 1`` with ``exclude_self``).
-    exclude_self: the queries are the gallery itself; row ``i`` never returns ``i``.
-
-  Returns:
-    int64 ``[Q, k]``; equal scores among the returned rows are ordered by gallery row.
-  """
-  out = np.empty((len(queries), k), np.int64)
-  for start in range(0, len(queries), _BLOCK_ROWS):
-    scores = queries[start:start + _BLOCK_ROWS] @ gallery.T
-    if exclude_self:
-      rows = np.arange(len(scores))
-      scores[rows, start + rows] = -np.inf
-    candidates = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
-    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
-    out[start:start + len(scores)] = np.take_along_axis(candidates, order, axis=1)
-  return out
 
 
 def embedding_drift(old: np.ndarray, new: np.ndarray, k: int = 10) -> dict:
@@ -108,7 +76,7 @@ def embedding_drift(old: np.ndarray, new: np.ndarray, k: int = 10) -> dict:
   Returns:
     ``{"mean_cosine": float, "knn_overlap": float or None (fewer than 2 items), "k": the k used}``.
   """
-  old, new = _unit_rows(old), _unit_rows(new)
+  old, new = unit_rows(old), unit_rows(new)
   if old.shape != new.shape or len(old) == 0:
     raise ValueError(f"old and new must hold the same non-empty items, got shapes {old.shape} and {new.shape}")
   if k < 1:
@@ -117,8 +85,8 @@ def embedding_drift(old: np.ndarray, new: np.ndarray, k: int = 10) -> dict:
   k = min(k, len(old) - 1)
   if k == 0:
     return {"mean_cosine": mean_cosine, "knn_overlap": None, "k": 0}
-  old_neighbours = _top_rows(old, old, k, exclude_self=True)
-  new_neighbours = _top_rows(new, new, k, exclude_self=True)
+  old_neighbours = exact_top_k(old, old, k, exclude_self=True)
+  new_neighbours = exact_top_k(new, new, k, exclude_self=True)
   shared = (old_neighbours[:, :, None] == new_neighbours[:, None, :]).any(axis=2).sum(axis=1)
   return {"mean_cosine": mean_cosine, "knn_overlap": float(np.mean(shared / k)), "k": k}
 
@@ -146,7 +114,7 @@ def cross_modal_alignment(image_emb: np.ndarray, caption_emb: np.ndarray, captio
   Returns:
     ``{"matched_cosine", "unmatched_cosine" (None when N == 1), "modality_gap"}``, floats.
   """
-  images, captions = _unit_rows(image_emb).astype(np.float64), _unit_rows(caption_emb).astype(np.float64)
+  images, captions = unit_rows(image_emb).astype(np.float64), unit_rows(caption_emb).astype(np.float64)
   caption_image = np.asarray(caption_image, np.int64)
   if len(images) == 0 or len(captions) == 0 or caption_image.shape != (len(captions),):
     raise ValueError(f"need images, captions and one image row per caption; got {len(images)} images, "
@@ -190,31 +158,18 @@ def inter_task_confusion(top_rows: np.ndarray, row_task: np.ndarray, query_task)
   return {"top1_other_task": float(other[:, 0].mean()), "topk_other_task": float(other.mean())}
 
 
-def _gallery_snapshot(policy: str, gallery_task: int, current_task: int) -> int:
-  """The snapshot embedding task ``gallery_task``'s gallery after ``current_task``.
-
-  The same rule as ``evaluate.snapshot_for_gallery``, restated here so that the
-  analysis needs no jax (a test checks that the two agree).
-  """
-  if policy == "reindex":
-    return current_task
-  if policy == "no_reindex":
-    return gallery_task
-  raise ValueError(f"unknown indexing policy {policy!r}; choose from {list(POLICIES)}")
-
-
 def _embedding_loader(workdir: str) -> Callable[[int, int], dict]:
   """``load(snapshot, task)`` → the arrays of ``embeddings/snapshot_SS/task_KK.npz``, each file read once."""
   cache = {}
 
   def load(snapshot: int, task: int) -> dict:
     if (snapshot, task) not in cache:
-      path = os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz")
+      path = layout.embeddings_path(workdir, snapshot, task)
       if not files.exists(path):
         raise FileNotFoundError(f"{path} is missing: the analysis needs task {task}'s test embeddings by "
                                 f"snapshot {snapshot}; rerun the experiment in this workdir to write them")
       arrays = files.load_npz(path)
-      cache[snapshot, task] = {"images": _unit_rows(arrays["images"]), "captions": _unit_rows(arrays["captions"]),
+      cache[snapshot, task] = {"images": unit_rows(arrays["images"]), "captions": unit_rows(arrays["captions"]),
                                "caption_image": arrays["caption_image"]}
     return cache[snapshot, task]
 
@@ -268,12 +223,12 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
       for modality in MODALITIES:
         drift_cells[modality][t, k] = embedding_drift(load(k, k)[modality], load(t, k)[modality], knn_k)
 
-  alignment_cells = {p: {d: {} for d in QUERY_GALLERY} for p in POLICIES}
-  confusion_cells = {p: {d: {} for d in QUERY_GALLERY} for p in POLICIES}
+  alignment_cells = {p: {d: {} for d in QUERY_GALLERY} for p in policies.POLICY_NAMES}
+  confusion_cells = {p: {d: {} for d in QUERY_GALLERY} for p in policies.POLICY_NAMES}
   for t in range(size):
-    for policy in POLICIES:
+    for policy in policies.POLICY_NAMES:
       for direction, (query_modality, gallery_modality) in QUERY_GALLERY.items():
-        galleries = [load(_gallery_snapshot(policy, k, t), k)[gallery_modality] for k in range(t + 1)]
+        galleries = [load(policies.snapshot_for_gallery(policy, k, t), k)[gallery_modality] for k in range(t + 1)]
         union = np.concatenate(galleries)
         row_task = np.repeat(np.arange(t + 1), [len(g) for g in galleries])
         for k in range(t + 1):
@@ -282,7 +237,7 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
           alignment_cells[policy][direction][t, k] = cross_modal_alignment(
               sides["images"], sides["captions"], load(k, k)["caption_image"])
           confusion_cells[policy][direction][t, k] = inter_task_confusion(
-              _top_rows(queries, union, min(top_k, len(union))), row_task, k)
+              exact_top_k(union, queries, min(top_k, len(union))), row_task, k)
 
   def matrices(cells: dict, keys: tuple[str, ...]) -> dict:
     return {key: _matrix(cells, key, size) for key in keys}
@@ -294,9 +249,9 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
       "definitions": DEFINITIONS,
       "drift": {m: matrices(drift_cells[m], ("mean_cosine", "knn_overlap")) for m in MODALITIES},
       "alignment": {p: {d: matrices(alignment_cells[p][d], ("matched_cosine", "unmatched_cosine", "modality_gap"))
-                        for d in QUERY_GALLERY} for p in POLICIES},
+                        for d in QUERY_GALLERY} for p in policies.POLICY_NAMES},
       "confusion": {p: {d: matrices(confusion_cells[p][d], ("top1_other_task", "topk_other_task"))
-                        for d in QUERY_GALLERY} for p in POLICIES},
+                        for d in QUERY_GALLERY} for p in policies.POLICY_NAMES},
   }
 
 

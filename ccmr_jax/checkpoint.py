@@ -20,28 +20,16 @@ whole. Workdirs may be local or ``gs://``.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
 import orbax.checkpoint as ocp
 
 from ccmr_jax import files
+from ccmr_jax import workdir as layout
 
 _SNAPSHOT = re.compile(r"^task_(\d+)$")
 _PROGRESS = re.compile(r"^step_(\d+)$")
-
-
-def snapshot_dir(workdir: str, task: int) -> str:
-  return os.path.join(files.absolute(workdir), "snapshots", f"task_{task:02d}")
-
-
-def regularizers_dir(workdir: str, task: int) -> str:
-  return os.path.join(files.absolute(workdir), "continual", f"task_{task:02d}", "regularizers")
-
-
-def progress_dir(workdir: str, task: int) -> str:
-  return os.path.join(files.absolute(workdir), "progress", f"task_{task:02d}")
 
 
 def _save(path: str, tree) -> str:
@@ -66,7 +54,7 @@ def _restore(path: str, abstract_tree, what: str, fix: str):
 
 def save_snapshot(workdir: str, task: int, params) -> str:
   """Writes ``S_task``; replaces an existing one only if it is incomplete."""
-  return _save(snapshot_dir(workdir, task), params)
+  return _save(layout.snapshot_dir(workdir, task), params)
 
 
 def restore_snapshot(workdir: str, task: int, abstract_params):
@@ -77,13 +65,13 @@ def restore_snapshot(workdir: str, task: int, abstract_params):
     files.CorruptFileError: if it cannot be read as those params (corrupt, truncated, or
       made by another model configuration).
   """
-  return _restore(snapshot_dir(workdir, task), abstract_params, f"snapshot for task {task}",
+  return _restore(layout.snapshot_dir(workdir, task), abstract_params, f"snapshot for task {task}",
                   f"delete that folder to retrain task {task} from the previous snapshot")
 
 
 def save_regularizers(workdir: str, task: int, states) -> str:
   """Writes the consolidated regularizer states after task ``task`` (``continual/task_TT/regularizers``)."""
-  return _save(regularizers_dir(workdir, task), states)
+  return _save(layout.regularizers_dir(workdir, task), states)
 
 
 def restore_regularizers(workdir: str, task: int, abstract_states):
@@ -93,13 +81,13 @@ def restore_regularizers(workdir: str, task: int, abstract_states):
     FileNotFoundError: if they were not saved.
     files.CorruptFileError: if they cannot be read as those states.
   """
-  return _restore(regularizers_dir(workdir, task), abstract_states, f"regularizer state of task {task}",
+  return _restore(layout.regularizers_dir(workdir, task), abstract_states, f"regularizer state of task {task}",
                   f"delete snapshots/task_{task:02d} and that folder to retrain task {task}")
 
 
 def completed_snapshots(workdir: str) -> list[int]:
   """Task indices with a complete snapshot, sorted."""
-  root = os.path.join(files.absolute(workdir), "snapshots")
+  root = layout.snapshots_root(workdir)
   if not files.is_dir(root):
     return []
   found = (_SNAPSHOT.match(name) for name in files.listdir(root))
@@ -112,7 +100,7 @@ def abstract_like(params):
 
 
 def _progress_steps(workdir: str, task: int) -> list[int]:
-  root = progress_dir(workdir, task)
+  root = layout.progress_dir(workdir, task)
   if not files.is_dir(root):
     return []
   found = (_PROGRESS.match(name) for name in files.listdir(root))
@@ -121,12 +109,12 @@ def _progress_steps(workdir: str, task: int) -> list[int]:
 
 def save_progress(workdir: str, task: int, step: int, state) -> str:
   """Writes the train state after ``step`` steps of task ``task``, then drops the older ones."""
-  path = _save(os.path.join(progress_dir(workdir, task), f"step_{step:06d}"), state)
+  path = _save(layout.progress_step_dir(workdir, task, step), state)
   if jax.process_index() != 0:
     return path
   for older in _progress_steps(workdir, task):
     if older < step:
-      files.remove_tree(os.path.join(progress_dir(workdir, task), f"step_{older:06d}"))
+      files.remove_tree(layout.progress_step_dir(workdir, task, older))
   return path
 
 
@@ -142,12 +130,12 @@ def restore_progress(workdir: str, task: int, step: int, abstract_state):
   Raises:
     files.CorruptFileError: if it cannot be read as that state.
   """
-  path = os.path.join(progress_dir(workdir, task), f"step_{step:06d}")
+  path = layout.progress_step_dir(workdir, task, step)
   return _restore(path, abstract_state, f"progress checkpoint of task {task}",
                   f"delete {path} to restart task {task} from its beginning")
 
 
 def clear_progress(workdir: str, task: int) -> None:
   """Removes task ``task``'s progress checkpoints (its snapshot supersedes them)."""
-  if files.is_dir(progress_dir(workdir, task)):
-    files.remove_tree(progress_dir(workdir, task))
+  if files.is_dir(layout.progress_dir(workdir, task)):
+    files.remove_tree(layout.progress_dir(workdir, task))

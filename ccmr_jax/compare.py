@@ -3,10 +3,13 @@
 Reads each workdir's ``results.json`` and writes to ``--out``:
 
   compare.md, compare.csv     one row per (run, policy, scope): final averages of
-                              R@1/5/10 both ways, rsum, mean_r1, and the forgetting
-                              and BWT of mean_r1
+                              R@1/5/10 both ways, rsum, mean_r1, the forgetting
+                              and BWT of mean_r1, the zero-shot and just-learned
+                              mean_r1, and the drift of old items
   compare_final_mean_r1.png   grouped bars: final average mean_r1, run × policy
   compare_curves.png          mean_r1 averaged over the seen tasks after each task t
+  compare_mean_std.md/.csv    mean ± std (and n) over runs that differ only in
+                              seed or task order (:func:`aggregate_rows`)
 
 A run is labelled by its strategy (``config.train.strategy``), with the
 workdir's name added when two runs share a strategy. The scope is
@@ -18,11 +21,13 @@ command with a message naming the workdir and exit status 2.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
+import json
 import os
-import sys
+import re
 from typing import Sequence
 
 import numpy as np
@@ -30,15 +35,22 @@ from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccmr_jax import files
+from ccmr_jax import cli, files
+from ccmr_jax import workdir as layout
+from ccmr_jax.metrics import HEADLINE, SCOPES, metric_names
 
-# Scope → key of results.json holding {policy: {metric: summary}} for it.
-SCOPES = {"task_aware": "policies", "task_agnostic": "policies_agnostic"}
-FINAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "mean_r1")
-HEADLINE = "mean_r1"
-COLUMNS = ("run", "policy", "scope", "tasks_trained", *FINAL_METRICS, "forgetting_mean_r1", "bwt_mean_r1",
-           "workdir")
-OUTPUT_NAMES = ("compare.md", "compare.csv", "compare_final_mean_r1.png", "compare_curves.png")
+FINAL_METRICS = tuple(metric_names((1, 5, 10)))
+# Beside the final averages: the starting encoders' mean_r1 (mean over tasks), the just-learned mean_r1
+# (mean of the diagonal R[k][k]), and the drift of old tasks' items to the final snapshot (mean cosine).
+CONTEXT_COLUMNS = ("zero_shot_mean_r1", "diagonal_mean_r1", "drift_images", "drift_captions")
+NUMERIC_COLUMNS = (*FINAL_METRICS, "forgetting_mean_r1", "bwt_mean_r1", *CONTEXT_COLUMNS)
+COLUMNS = ("run", "policy", "scope", "tasks_trained", *NUMERIC_COLUMNS, "workdir")
+AGGREGATE_COLUMNS = ("group", "policy", "scope", "n", *NUMERIC_COLUMNS)
+OUTPUT_NAMES = ("compare.md", "compare.csv", "compare_final_mean_r1.png", "compare_curves.png",
+                "compare_mean_std.md", "compare_mean_std.csv")
+# Config fields in which replicates of one experiment differ: the training seed, the scenes' generator seed
+# and the task order. Runs equal in everything else form one group of compare_mean_std.
+REPLICATE_FIELDS = (("seed",), ("data", "scenes", "seed"), ("data", "task_order"))
 
 
 class CompareError(Exception):
@@ -111,7 +123,7 @@ def load_run(workdir: str) -> Run:
   Raises:
     CompareError: the file is missing, unreadable or lacks what the comparison needs.
   """
-  path = os.path.join(workdir, "results.json")
+  path = layout.results_path(workdir)
   if not files.exists(path):
     raise CompareError(f"workdir {workdir} has no results.json; it is written when a run has evaluated its tasks")
   try:
@@ -172,9 +184,77 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict]:
           row[metric] = per_metric[metric]["final_average"] if metric in per_metric else None
         row["forgetting_mean_r1"] = per_metric[HEADLINE].get("forgetting")
         row["bwt_mean_r1"] = per_metric[HEADLINE].get("bwt")
+        row.update(_context(run, per_metric[HEADLINE]["matrix"]))
         row["workdir"] = run.workdir
         rows.append(row)
   return rows
+
+
+def _context(run: Run, matrix: list[list]) -> dict:
+  """The :data:`CONTEXT_COLUMNS` of one run (``None`` where the run did not record them)."""
+  zero_shot = run.results.get("zero_shot", {}).get(HEADLINE)
+  drift = run.results.get("analysis_summary", {}).get("drift_to_final", {})
+  return {"zero_shot_mean_r1": float(np.mean(zero_shot)) if zero_shot else None,
+          "diagonal_mean_r1": float(np.mean([matrix[k][k] for k in range(len(matrix))])),
+          "drift_images": drift.get("images", {}).get("mean_cosine"),
+          "drift_captions": drift.get("captions", {}).get("mean_cosine")}
+
+
+def replicate_key(results: dict) -> str:
+  """The run's config without :data:`REPLICATE_FIELDS`, as canonical JSON: equal for replicates."""
+  config = copy.deepcopy(results["config"])
+  for path in REPLICATE_FIELDS:
+    node = config
+    for key in path[:-1]:
+      node = node.get(key, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+      node.pop(path[-1], None)
+  return json.dumps(config, sort_keys=True)
+
+
+def _group_label(run: Run) -> str:
+  name = os.path.basename(os.path.normpath(run.workdir))
+  return re.sub(r"_seed=\d+$", "", name) or run.strategy
+
+
+def aggregate_rows(runs: Sequence[Run], rows: Sequence[dict]) -> list[dict]:
+  """Mean ± std over replicates: one row per (group of runs equal but for seed and task order, scope, policy).
+
+  Each numeric column ``c`` gives ``c`` (the mean over the group's ``n``
+  runs) and ``c_std`` (the sample standard deviation, ``ddof = 1``; 0 when
+  ``n = 1``); a column some run lacks is ``None``. Groups are listed in the
+  order of their first run.
+  """
+  keys = {run.workdir: replicate_key(run.results) for run in runs}
+  labels = {}
+  for run in runs:
+    labels.setdefault(keys[run.workdir], _group_label(run))
+  grouped: dict[tuple, list[dict]] = {}
+  for row in rows:
+    grouped.setdefault((keys[row["workdir"]], row["scope"], row["policy"]), []).append(row)
+  out = []
+  for (key, scope, policy), members in grouped.items():
+    row = {"group": labels[key], "policy": policy, "scope": scope, "n": len(members)}
+    for column in NUMERIC_COLUMNS:
+      values = [m[column] for m in members]
+      known = None if any(v is None for v in values) else np.asarray(values, np.float64)
+      row[column] = None if known is None else float(known.mean())
+      row[f"{column}_std"] = None if known is None else (float(known.std(ddof=1)) if len(known) > 1 else 0.0)
+    out.append(row)
+  return out
+
+
+def _aggregate_markdown(rows: Sequence[dict]) -> str:
+  columns = [c for c in AGGREGATE_COLUMNS if c not in ("group", "policy", "scope", "n")]
+  lines = ["# Mean ± std over replicates", "",
+           "Runs whose configs differ only in the seed, the scenes' generator seed or the task order form a "
+           "group; each cell is the mean ± the sample standard deviation (ddof = 1) over the group's n runs.", "",
+           "| group | policy | scope | n | " + " | ".join(columns) + " |",
+           "|---|---|---|---:|" + "---:|" * len(columns)]
+  for row in rows:
+    cells = ["—" if row[c] is None else f"{row[c]:.2f} ± {row[c + '_std']:.2f}" for c in columns]
+    lines.append(f"| {row['group']} | {row['policy']} | {row['scope']} | {row['n']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def _fmt(value) -> str:
@@ -201,12 +281,12 @@ def _markdown(runs: Sequence[Run], rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
   buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+  writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
   writer.writeheader()
   for row in rows:
-    writer.writerow({c: "" if row[c] is None else row[c] for c in COLUMNS})
+    writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
   return buffer.getvalue()
 
 
@@ -258,7 +338,7 @@ def _plot_curves(runs: Sequence[Run], path: str) -> None:
 
 
 def write_comparison(runs: Sequence[Run], out_dir: str) -> list[str]:
-  """Writes compare.md, compare.csv and the two plots into ``out_dir``.
+  """Writes compare.md, compare.csv, the two plots and the mean ± std tables into ``out_dir``.
 
   Args:
     runs: loaded runs (:func:`load_runs`), in the order to list them.
@@ -273,6 +353,11 @@ def write_comparison(runs: Sequence[Run], out_dir: str) -> list[str]:
   files.atomic_write_text(paths[1], _csv(rows))
   _plot_final_bars(runs, rows, paths[2])
   _plot_curves(runs, paths[3])
+  aggregates = aggregate_rows(runs, rows)
+  files.atomic_write_text(paths[4], _aggregate_markdown(aggregates))
+  files.atomic_write_text(paths[5], _csv(aggregates, [c for name in AGGREGATE_COLUMNS
+                                                      for c in ((name, f"{name}_std") if name in NUMERIC_COLUMNS
+                                                                else (name,))]))
   return paths
 
 
@@ -280,17 +365,14 @@ _WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated workdirs of fin
 _OUT = flags.DEFINE_string("out", None, "Folder for compare.md, compare.csv and the plots.")
 
 
+@cli.exits_on_user_error(CompareError)
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     paths = write_comparison(load_runs(_WORKDIRS.value), _OUT.value)
-  except CompareError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   except OSError as e:
-    print(f"error: cannot write to --out={_OUT.value}: {e.strerror or e}", file=sys.stderr)
-    sys.exit(2)
+    raise cli.UserError(f"cannot write to --out={_OUT.value}: {e.strerror or e}") from e
   print("wrote:\n  " + "\n  ".join(paths))
 
 

@@ -1,97 +1,71 @@
-"""The continual loop: for each task, train → snapshot → index → query → report.
+"""The continual loop, orchestration only: for each task, train → close → evaluate → record.
 
-This is the one module that calls every stage. A workdir holds:
-
-  config.json                    the config of the run (a rerun must match)
-  tokenizer.json                 the tokenizer, fixed before task 0
-  snapshots/task_TT/             Orbax snapshot S_t of the encoders
-  embeddings/snapshot_SS/task_KK.npz
-                                 task k's test images and captions embedded by S_s,
-                                 with the ground-truth links (see README: exported embeddings)
-  index/snapshot_SS/task_KK/{images,captions}/
-                                 ScaNN searchers over those embeddings (task-aware search)
-  index/union/POLICY/after_task_TT/{images,captions}/
-                                 ScaNN searchers over the union of seen galleries
-                                 as POLICY embeds them (task-agnostic search)
-  eval/after_task_TT.json        R[t, k] for both scopes and policies, every k <= t
-  continual/task_TT/regularizers/ Orbax regularizer states consolidated after task t
-  continual/task_TT/replay.npz   the replay memory after task t (tasks 0..t)
-  results.json, report.md, plots/*.png, tensorboard/
+This is the one module that calls every stage. The workdir layout is in
+:mod:`ccmr_jax.workdir`. Between tasks the run carries one value,
+:class:`CarriedState` (the snapshot's params, the consolidated regularizer
+states, the replay memory): handed on in memory, or loaded from the workdir
+when a rerun resumes.
 
 A rerun of the same command resumes: tasks whose evaluation is written are
 skipped; a task with a snapshot but no evaluation is only evaluated; the
-first task with neither is retrained from the previous snapshot (training is
-a deterministic function of the config, so the numbers do not change).
+first task with neither is retrained from the previous snapshot, from its
+last progress checkpoint if it has one (training is a deterministic function
+of the config, so the numbers do not change).
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import dataclasses
 import itertools
-import json
 import os
-import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
-from ccmr_jax import analysis, checkpoint, evaluate, files, index, report, sharding, train
+from ccmr_jax import analysis, checkpoint, evaluate, files, index, metrics, pretrain, report, sharding, train
+from ccmr_jax import workdir as layout
+from ccmr_jax.cli import UserError, configure_logging  # noqa: F401  (re-exported for the commands and tests)
 from ccmr_jax.continual import replay
 from ccmr_jax.continual.importance import fisher_diagonal, mas_importance
 from ccmr_jax.continual.regularizers import regularizer_states, transfer_regularizer_states
-from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
+from ccmr_jax.continual.strategies import Strategy, check_continual_config, parse_strategy
 from ccmr_jax.data import sources
-from ccmr_jax.data.batches import PairSampler, caption_text_ids
+from ccmr_jax.data.batches import PairSampler
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
 from ccmr_jax.losses import LOSSES
+from ccmr_jax.models import weights
 from ccmr_jax.models.dual_encoder import build_model
 from ccmr_jax.models.resnet import load_image_tower_weights
 
 DATA_SOURCES = sources.DATA_SOURCES
 EVAL_SPLITS = ("val", "test")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class UserError(Exception):
-  """A problem the user can fix (config, paths, data); main prints it without a traceback."""
-
-
-def configure_logging() -> None:
-  """Progress at INFO; Orbax narrates every save at INFO, so only its warnings and errors pass."""
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname or record.levelno >= 30)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects config values that cannot work, naming the field and the fix."""
-  def positive(path: str, value) -> None:
-    if not value > 0:
-      raise UserError(f"{path} must be positive, got {value!r}")
-
   try:
     sources.check_data_config(config)
-  except ValueError as e:
-    raise UserError(str(e)) from e
-  if config.loss.name not in LOSSES:
-    raise UserError(f"unknown loss.name {config.loss.name!r}; choose one of {list(LOSSES)}")
-  if config.eval.index_mode not in index.INDEX_MODES:
-    raise UserError(f"unknown eval.index_mode {config.eval.index_mode!r}; choose one of {list(index.INDEX_MODES)}")
-  if config.eval.split not in EVAL_SPLITS:
-    raise UserError(f"unknown eval.split {config.eval.split!r}; choose one of {list(EVAL_SPLITS)}")
-  try:
     parse_strategy(config.train.strategy)
     check_continual_config(config.continual)
+    train.trainable_patterns(config.train.get("trainable", "all"))
   except ValueError as e:
     raise UserError(str(e)) from e
+  choices = {"loss.name": LOSSES, "eval.index_mode": index.INDEX_MODES, "eval.split": EVAL_SPLITS}
+  for path, allowed in choices.items():
+    value = config[path.split(".")[0]][path.split(".")[1]]
+    if value not in allowed:
+      raise UserError(f"unknown {path} {value!r}; choose one of {list(allowed)}")
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
                "eval.batch_size", "eval.ann_threshold", "data.num_tasks", "model.embed_dim", "tokenizer.max_length"):
     section, field = path.split(".")
-    positive(path, config[section][field])
+    if not config[section][field] > 0:
+      raise UserError(f"{path} must be positive, got {config[section][field]!r}")
   if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
     raise UserError(f"eval.ks must be positive integers including 1, got {tuple(config.eval.ks)}")
   checkpoint_every = config.train.get("checkpoint_every", 0)  # absent (a run made before it existed): none
@@ -102,173 +76,40 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def load_task_stream(config: ml_collections.ConfigDict) -> TaskStream:
   """The task stream of ``config.data``; missing or malformed data is a :class:`UserError`."""
   try:
-    dataset = sources.load_dataset(config)
-  except sources.DataError as e:
+    return split_into_tasks(sources.load_dataset(config), config.data.num_tasks, config.data.unlabeled,
+                            tuple(config.data.get("task_order", ())))
+  except (sources.DataError, ValueError) as e:
     raise UserError(str(e)) from e
-  try:
-    return split_into_tasks(dataset, config.data.num_tasks, config.data.unlabeled)
-  except ValueError as e:
-    raise UserError(str(e)) from e
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json())
-
-
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  out = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_differences(a, b, f"{prefix}{key}.")
-    elif a != b:
-      out.append(f"{prefix}{key}: workdir has {a!r}, this run has {b!r}")
-  return out
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool = False) -> None:
-  """Creates the workdir or checks that it belongs to the same config.
-
-  With ``allow_config_change`` a workdir of another config is taken over: the
-  differences are logged and its ``config.json`` becomes this config.
-  """
-  try:
-    files.makedirs(workdir)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")  # one per process: no race
-    files.atomic_write_text(probe, "ok")
-    files.remove(probe)
-  except OSError as e:
-    if e.errno in _DISK_FULL:
-      raise
-    raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}; choose another --workdir") from e
-  path = os.path.join(workdir, "config.json")
-  new = _config_json(config)
-  if files.exists(path):
-    differences = _config_differences(files.read_json(path), new)
-    if differences and not allow_config_change:
-      raise UserError(f"workdir {workdir} holds a run with another config:\n  " + "\n  ".join(differences)
-                      + "\nUse a new --workdir, delete this one to start over, or pass --allow_config_change "
-                      "to resume it under the new config.")
-    if differences:
-      logging.warning("resuming %s under a changed config:\n  %s", workdir, "\n  ".join(differences))
-  if jax.process_index() == 0 and (not files.exists(path) or allow_config_change):
-    files.atomic_write_json(path, new)
+  """Creates the workdir or checks that it belongs to the same config (see :func:`ccmr_jax.workdir.prepare`)."""
+  differences = layout.prepare(workdir, config, allow_config_change, jax.process_index())
+  if differences:
+    logging.warning("resuming %s under a changed config:\n  %s", workdir, "\n  ".join(differences))
 
 
-def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict) -> Tokenizer:
-  """The tokenizer of ``workdir``, or a new one from task 0's training captions only."""
-  path = os.path.join(workdir, "tokenizer.json")
+def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict,
+                            pretrained: pretrain.Pretrained | None = None) -> Tokenizer:
+  """The tokenizer of ``workdir``; else the pretrained towers' one, or a new one from task 0's training captions."""
+  path = layout.tokenizer_path(workdir)
   if files.exists(path):
     try:
-      return Tokenizer.from_json(files.read_text(path))
+      tokenizer = Tokenizer.from_json(files.read_text(path))
     except ValueError as e:
       raise UserError(f"{path}: {e}; delete the workdir to start over") from e
-  tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
-                              config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
+    if pretrained is not None and tokenizer != pretrained.tokenizer:
+      raise UserError(f"{path} is not the tokenizer of the pretrained towers in {pretrained.folder}; "
+                      "delete the workdir to start over")
+    return tokenizer
+  if pretrained is not None:
+    tokenizer = pretrained.tokenizer
+  else:
+    tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
+                                config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
   if jax.process_index() == 0:
     files.atomic_write_text(path, tokenizer.to_json())
   return tokenizer
-
-
-def _eval_path(workdir: str, task: int) -> str:
-  return os.path.join(workdir, "eval", f"after_task_{task:02d}.json")
-
-
-def _embedding_path(workdir: str, snapshot: int, task: int) -> str:
-  return os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz")
-
-
-def _index_path(workdir: str, snapshot: int, task: int, gallery: str) -> str:
-  return os.path.join(workdir, "index", f"snapshot_{snapshot:02d}", f"task_{task:02d}", gallery)
-
-
-class _TensorBoard:
-  """Scalars to ``workdir/tensorboard`` (process 0 only).
-
-  For a cloud workdir the event files are written locally and uploaded by
-  :meth:`sync` (after every task, and at the end).
-  """
-
-  def __init__(self, workdir: str):
-    self.writer = None
-    self.target = os.path.join(workdir, "tensorboard")
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-      self.local = tempfile.mkdtemp(prefix="ccmr_tensorboard_") if files.is_remote(workdir) else self.target
-      self.writer = SummaryWriter(self.local)
-
-  def scalars(self, step: int, values: dict, prefix: str) -> None:
-    if self.writer is not None:
-      for name, value in values.items():
-        self.writer.add_scalar(f"{prefix}/{name}", value, step)
-      self.writer.flush()
-
-  def sync(self) -> None:
-    if self.writer is not None and self.local != self.target:
-      for name in os.listdir(self.local):
-        with open(os.path.join(self.local, name), "rb") as f:
-          files.atomic_write_bytes(os.path.join(self.target, name), f.read())
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
-      self.sync()
-
-
-def _union_index_path(workdir: str, policy: str, task: int, gallery: str) -> str:
-  return os.path.join(workdir, "index", "union", policy, f"after_task_{task:02d}", gallery)
-
-
-def _build_and_save_index(embeddings: np.ndarray, path: str, config: ml_collections.ConfigDict) -> None:
-  searcher = index.build_searcher(embeddings, max(config.eval.ks), config.eval.index_mode, config.eval.ann_threshold)
-  index.save_searcher(searcher, path)
-
-
-def _evaluate_after_task(t: int, params, stream: TaskStream, tokenizer: Tokenizer, embedders, workdir: str,
-                         config: ml_collections.ConfigDict) -> dict:
-  """Embeds the seen tasks' ``eval.split`` splits with S_t, builds this snapshot's indexes, queries both policies.
-
-  Returns ``{scope: {policy: {str(k): metrics}}}`` (empty dicts on processes other than 0).
-  """
-  embed_images, embed_texts = embedders
-  tests = [stream.tasks[k].splits[config.eval.split] for k in range(t + 1)]
-  current = {}  # task -> (image, caption) embeddings by S_t: the queries, and the reindex galleries
-  for k, test in enumerate(tests):
-    current[k] = (embed_images(params, test.images), embed_texts(params, tokenizer.encode(test.captions)))
-  results = {scope: {policy: {} for policy in evaluate.POLICIES} for scope in evaluate.SCOPES}
-  if jax.process_index() != 0:
-    return results
-  for k, (image_emb, caption_emb) in current.items():
-    files.atomic_save_npz(_embedding_path(workdir, t, k), images=image_emb, captions=caption_emb,
-                          image_ids=tests[k].image_ids, caption_image=tests[k].caption_image,
-                          caption_text_ids=caption_text_ids(tests[k].captions))
-    _build_and_save_index(image_emb, _index_path(workdir, t, k, "images"), config)
-    _build_and_save_index(caption_emb, _index_path(workdir, t, k, "captions"), config)
-
-  union = evaluate.UnionGallery.from_tasks(tests)
-  truths = [evaluate.GroundTruth.from_examples(test) for test in tests]
-  for policy in evaluate.POLICIES:
-    gallery_parts = []
-    for k in range(t + 1):
-      snapshot = evaluate.snapshot_for_gallery(policy, k, t)
-      image_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "images"))
-      caption_searcher = index.load_searcher(_index_path(workdir, snapshot, k, "captions"))
-      if snapshot == t:
-        gallery_parts.append(current[k])
-      else:
-        stored = files.load_npz(_embedding_path(workdir, snapshot, k))
-        gallery_parts.append((stored["images"], stored["captions"]))
-      results["task_aware"][policy][str(k)] = evaluate.query_gallery(
-          *current[k], image_searcher, caption_searcher, truths[k], config.eval.ks, *gallery_parts[-1])
-    union_galleries = [np.concatenate([p[part] for p in gallery_parts]) for part in (0, 1)]
-    for gallery, embeddings in zip(("images", "captions"), union_galleries):
-      _build_and_save_index(embeddings, _union_index_path(workdir, policy, t, gallery), config)
-    image_searcher = index.load_searcher(_union_index_path(workdir, policy, t, "images"))
-    caption_searcher = index.load_searcher(_union_index_path(workdir, policy, t, "captions"))
-    for k in range(t + 1):
-      metrics, _ = union.query(k, *current[k], image_searcher, caption_searcher, config.eval.ks, *union_galleries)
-      results["task_agnostic"][policy][str(k)] = metrics
-  return results
 
 
 def _log_stream(stream: TaskStream) -> list[dict]:
@@ -285,30 +126,125 @@ def _log_stream(stream: TaskStream) -> list[dict]:
   return info
 
 
-def _replay_path(workdir: str, task: int) -> str:
-  return os.path.join(workdir, "continual", f"task_{task:02d}", "replay.npz")
+@dataclasses.dataclass(frozen=True)
+class Components:
+  """Everything a run builds once from its config, before the first task."""
+
+  stream: TaskStream
+  task_info: list[dict]
+  tokenizer: Tokenizer
+  strategy: Strategy
+  mesh: Any
+  model: Any
+  initial_params: Any
+  abstract_params: Any  # shapes, dtypes and shardings of the params: the target of a snapshot's restore
+  optimizer: Any
+  loss_fn: Callable
+  step_fn: Callable
+  embedders: evaluate.Embedders
+  regularizer_template: list  # the regularizer states of a fresh optimizer state: the target of a restore
+  tensorboard: report.TensorBoard
 
 
-def _consolidated_regularizers(t: int, strategy, state: train.TrainState, params, loss_fn, model,
-                               stream: TaskStream, tokenizer: Tokenizer, mesh,
-                               config: ml_collections.ConfigDict) -> list:
-  """The regularizer states after task ``t``: importances on its own training data, then consolidation."""
-  sampler = PairSampler.create(stream.tasks[t].splits["train"], tokenizer)
-  max_batches = config.continual.importance.max_batches
+class CarriedState(NamedTuple):
+  """What a finished task hands the next one.
 
-  def batches():
-    for batch in sampler.epoch(config.train.batch_size, config.seed, t, 0, jax.process_index(),
-                               jax.process_count()):
-      yield sharding.to_global(batch, mesh)
+  Attributes:
+    params: the snapshot ``S_t`` (the initial params before task 0).
+    regularizers: the regularizer states consolidated after task ``t``; empty
+      before task 0 and for strategies without regularizers.
+    memory: the replay memory of tasks ``0..t`` (empty without replay).
+  """
 
-  importances = {}
-  if "fisher" in strategy.needs_importance:
-    importances["fisher"] = fisher_diagonal(loss_fn, params, batches(), has_aux=True, max_batches=max_batches)
-  if "mas" in strategy.needs_importance:
-    importances["mas"] = mas_importance(
-        lambda p, b: model.apply(p, b["image"], b["tokens"], method=model.embed_unnormalized), params,
-        batches(), max_batches=max_batches)
-  return regularizer_states(strategy.consolidate(state.opt_state, params, importances))
+  params: Any
+  regularizers: list
+  memory: replay.ReplayMemory
+
+
+def _initial_params(config: ml_collections.ConfigDict, model, tokenizer: Tokenizer, mesh,
+                    pretrained: pretrain.Pretrained | None):
+  params = train.init_params(model, config.seed, sources.input_image_size(config), tokenizer.max_length, mesh)
+  if pretrained is not None:
+    try:
+      params = sharding.replicate(weights.load_encoder_weights(params, pretrained.weights_path), mesh)
+    except ValueError as e:
+      raise UserError(f"model.init_from: {e}") from e
+    logging.info("encoders initialised from the pretrained towers in %s", pretrained.folder)
+  if config.model.get("image_tower_weights"):
+    try:
+      params = sharding.replicate(load_image_tower_weights(params, config.model.image_tower_weights), mesh)
+    except (OSError, ValueError) as e:
+      raise UserError(f"model.image_tower_weights: {e}") from e
+    logging.info("image tower initialised from %s", config.model.image_tower_weights)
+  return params
+
+
+def build_components(config: ml_collections.ConfigDict, workdir: str) -> Components:
+  """The task stream, tokenizer, model, initial params, optimizer, jitted step and embedders of a run."""
+  stream = load_task_stream(config)
+  task_info = _log_stream(stream)
+  pretrained = pretrain.initial_weights(config)
+  tokenizer = load_or_build_tokenizer(workdir, stream, config, pretrained)
+  strategy = parse_strategy(config.train.strategy)
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_divisible(config.train.batch_size, mesh)
+    sharding.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    model = build_model(config.model, tokenizer.vocab_size, tokenizer.max_length)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  params = _initial_params(config, model, tokenizer, mesh, pretrained)
+  try:
+    train.trainable_mask(params, train.trainable_patterns(config.train.get("trainable", "all")))
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  optimizer = train.make_optimizer(config.train, strategy.regularizers(config))
+  loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None)
+  return Components(
+      stream=stream, task_info=task_info, tokenizer=tokenizer, strategy=strategy, mesh=mesh, model=model,
+      initial_params=params, abstract_params=checkpoint.abstract_like(params), optimizer=optimizer, loss_fn=loss_fn,
+      step_fn=train.make_train_step(loss_fn, optimizer, mesh),
+      embedders=evaluate.make_embedders(model, mesh, config.eval.batch_size),
+      regularizer_template=regularizer_states(sharding.replicate(optimizer.init(params), mesh)),
+      tensorboard=report.TensorBoard(layout.tensorboard_dir(workdir), jax.process_index() == 0))
+
+
+def _next_task_trains(c: Components, workdir: str, task: int) -> bool:
+  """Whether task ``task + 1`` exists and has no snapshot yet, so that it trains from ``task``'s state."""
+  return task + 1 < len(c.stream) and task + 1 not in checkpoint.completed_snapshots(workdir)
+
+
+def load_carried(c: Components, workdir: str, task: int) -> CarriedState:
+  """The state task ``task`` handed on, read from the workdir (``task = -1``: the start of the run).
+
+  The regularizer states and the replay memory are read only when the next
+  task trains from them: a workdir whose later tasks all have snapshots (a
+  re-evaluation) needs only the snapshots.
+  """
+  if task < 0:
+    return CarriedState(c.initial_params, [], replay.ReplayMemory())
+  params = checkpoint.restore_snapshot(workdir, task, c.abstract_params)
+  if not _next_task_trains(c, workdir, task):
+    return CarriedState(params, [], replay.ReplayMemory())
+  regularizers = []
+  if c.strategy.regularizer_components:
+    regularizers = checkpoint.restore_regularizers(workdir, task, checkpoint.abstract_like(c.regularizer_template))
+  memory = replay.ReplayMemory.load(layout.replay_path(workdir, task)) if c.strategy.uses_replay \
+      else replay.ReplayMemory()
+  return CarriedState(params, regularizers, memory)
+
+
+def _sampler(c: Components, t: int, carried: CarriedState, config: ml_collections.ConfigDict):
+  train_data = c.stream.training_data(c.strategy.training_tasks(t))
+  if c.strategy.uses_replay:
+    memory = carried.memory.examples(c.stream) if carried.memory.tasks else None
+    sampler = replay.MixedSampler.create(train_data, memory, c.tokenizer, config.continual.replay.fraction)
+  else:
+    sampler = PairSampler.create(train_data, c.tokenizer)
+  if sampler.steps_per_epoch(config.train.batch_size) == 0:
+    raise UserError(f"train.batch_size={config.train.batch_size} exceeds the {len(train_data)} "
+                    f"training images of task {t}; lower it")
+  return sampler, len(train_data)
 
 
 def _batches_from(sampler, config: ml_collections.ConfigDict, task: int, steps_per_epoch: int, start_step: int):
@@ -323,11 +259,175 @@ def _batches_from(sampler, config: ml_collections.ConfigDict, task: int, steps_p
     yield from itertools.islice(batches, max(start_step - epoch * steps_per_epoch, 0), None)
 
 
-def _first_unfinished_task(workdir: str, num_tasks: int) -> int:
-  t = 0
-  while t < num_tasks and files.exists(_eval_path(workdir, t)):
-    t += 1
-  return t
+def _initial_train_state(c: Components, t: int, carried: CarriedState, workdir: str, total_steps: int):
+  """Task ``t``'s train state at its start, or at its last progress checkpoint; returns it and its step."""
+  state = train.init_state(carried.params, c.optimizer, c.mesh)
+  if carried.regularizers:
+    state = state._replace(opt_state=sharding.replicate(
+        transfer_regularizer_states(carried.regularizers, state.opt_state), c.mesh))
+  start_step = checkpoint.latest_progress(workdir, t) or 0
+  if start_step:
+    logging.info("task %d: resuming from its checkpoint at step %d of %d", t, start_step, total_steps)
+    state = checkpoint.restore_progress(workdir, t, start_step, checkpoint.abstract_like(state))
+  return state, start_step
+
+
+def train_task(c: Components, t: int, carried: CarriedState, workdir: str,
+               config: ml_collections.ConfigDict) -> train.TrainState:
+  """Fits task ``t`` from the carried state (or its last progress checkpoint); returns the final train state."""
+  sampler, num_images = _sampler(c, t, carried, config)
+  steps_per_epoch = sampler.steps_per_epoch(config.train.batch_size)
+  total_steps = steps_per_epoch * config.train.epochs_per_task
+  # Copied before the train state is built: the first step donates its params.
+  teacher = jax.tree.map(jnp.copy, carried.params) if c.strategy.uses_distillation and t > 0 else None
+  state, start_step = _initial_train_state(c, t, carried, workdir, total_steps)
+  logging.info("task %d (%s): %d steps on %d images (strategy %s)", t, c.stream.tasks[t].name,
+               total_steps, num_images, c.strategy.name)
+  state, _ = train.fit(state, c.step_fn, _batches_from(sampler, config, t, steps_per_epoch, start_step), c.mesh,
+                       train.learning_rate_schedule(config.train, total_steps), total_steps, t,
+                       config.train.log_every,
+                       on_log=lambda step, m: c.tensorboard.scalars(step, m, f"train/task_{t:02d}"),
+                       teacher_params=teacher, start_step=start_step,
+                       checkpoint_every=config.train.get("checkpoint_every", 0),
+                       on_checkpoint=lambda step, s: checkpoint.save_progress(workdir, t, step, s))
+  return state
+
+
+def _consolidated_regularizers(c: Components, t: int, state: train.TrainState,
+                               config: ml_collections.ConfigDict) -> list:
+  """The regularizer states after task ``t``: importances on its own training data, then consolidation."""
+  sampler = PairSampler.create(c.stream.tasks[t].splits["train"], c.tokenizer)
+  max_batches = config.continual.importance.max_batches
+
+  def batches():
+    for batch in sampler.epoch(config.train.batch_size, config.seed, t, 0, jax.process_index(),
+                               jax.process_count()):
+      yield sharding.to_global(batch, c.mesh)
+
+  importances = {}
+  if "fisher" in c.strategy.needs_importance:
+    importances["fisher"] = fisher_diagonal(c.loss_fn, state.params, batches(), has_aux=True,
+                                            max_batches=max_batches)
+  if "mas" in c.strategy.needs_importance:
+    importances["mas"] = mas_importance(
+        lambda p, b: c.model.apply(p, b["image"], b["tokens"], method=c.model.embed_unnormalized), state.params,
+        batches(), max_batches=max_batches)
+  return regularizer_states(c.strategy.consolidate(state.opt_state, state.params, importances))
+
+
+def _replay_memory(c: Components, t: int, params, carried: CarriedState,
+                   config: ml_collections.ConfigDict) -> replay.ReplayMemory:
+  """The replay memory of tasks ``0..t``: the carried one plus the rows selected from task ``t``."""
+  train_t = c.stream.tasks[t].splits["train"]
+  selection = config.continual.replay.selection
+  embeddings = c.embedders.images(params, train_t.images) if selection == "herding" else None
+  rows = replay.select_rows(selection, len(train_t), config.continual.replay.memory_per_task,
+                            seed=config.seed, task=t, image_embeddings=embeddings)
+  return carried.memory.add_task(t, rows)
+
+
+def close_task(c: Components, t: int, state: train.TrainState, carried: CarriedState, workdir: str,
+               config: ml_collections.ConfigDict) -> CarriedState:
+  """Consolidates, selects replay rows, writes the snapshot ``S_t``, clears progress; returns the new carried state.
+
+  The continual state is written before the snapshot, so an existing
+  snapshot implies it is on disk.
+  """
+  regularizers, memory = [], carried.memory
+  if c.strategy.regularizer_components:
+    regularizers = _consolidated_regularizers(c, t, state, config)
+    checkpoint.save_regularizers(workdir, t, regularizers)
+  if c.strategy.uses_replay:
+    memory = _replay_memory(c, t, state.params, carried, config)
+    if jax.process_index() == 0:
+      memory.save(layout.replay_path(workdir, t))
+  checkpoint.save_snapshot(workdir, t, state.params)
+  if jax.process_index() == 0:
+    checkpoint.clear_progress(workdir, t)
+  return CarriedState(state.params, regularizers, memory)
+
+
+def advance(c: Components, t: int, carried: CarriedState, workdir: str,
+            config: ml_collections.ConfigDict) -> CarriedState:
+  """Task ``t`` trained and closed, or its snapshot (and continual state) read when it was trained before."""
+  if t in checkpoint.completed_snapshots(workdir):
+    logging.info("task %d: snapshot found, evaluating it", t)
+    return load_carried(c, workdir, t)
+  state = train_task(c, t, carried, workdir, config)
+  return close_task(c, t, state, carried, workdir, config)
+
+
+def zero_shot_row(c: Components, workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """``eval/zero_shot.json``: the starting encoders on every task (computed once, then read)."""
+  path = layout.zero_shot_path(workdir)
+  if files.exists(path):
+    return files.read_json(path)
+  splits = [task.splits[config.eval.split] for task in c.stream.tasks]
+  row = evaluate.evaluate_zero_shot(c.initial_params, splits, c.tokenizer, c.embedders, config)
+  if jax.process_index() == 0:
+    files.atomic_write_json(path, row)
+  return row
+
+
+def evaluate_and_record(c: Components, t: int, params, workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Evaluates ``S_t`` on every seen task and writes ``eval/after_task_TT.json`` and its TensorBoard scalars."""
+  splits = [task.splits[config.eval.split] for task in c.stream.tasks]
+  evaluation = evaluate.evaluate_after_task(t, params, splits, c.tokenizer, c.embedders, workdir, config)
+  if jax.process_index() == 0:
+    files.atomic_write_json(layout.evaluation_path(workdir, t), evaluation)
+    for scope, per_policy in evaluation.items():
+      for policy, per_task in per_policy.items():
+        for k, values in per_task.items():
+          c.tensorboard.scalars(t, values, f"eval_{scope}_{policy}/task_{int(k):02d}")
+    c.tensorboard.sync()
+  return evaluation
+
+
+def write_outputs(evaluations: list[dict], zero_shot: dict, run_info: dict, workdir: str,
+                  config: ml_collections.ConfigDict) -> dict:
+  """``results.json`` (matrices, summaries, analysis), ``report.md`` and the plots; prints the summary table."""
+  results = report.build_results(evaluations, metrics.metric_names(config.eval.ks), run_info, zero_shot)
+  results["analysis"] = analysis.analyze_workdir(workdir, results["tasks_trained"])
+  results["analysis_summary"] = analysis.summarize_analysis(results["analysis"])
+  files.atomic_write_json(layout.results_path(workdir), results)
+  plots = report.plot_results(results, workdir)
+  plots.append(analysis.plot_analysis(results["analysis"], os.path.join(layout.plots_dir(workdir), "analysis.png")))
+  report_path = report.write_report(results, workdir, plots)
+  print("\n" + report.summary_table(results) + "\n")
+  print("wrote:\n  " + "\n  ".join([layout.results_path(workdir), report_path, *plots,
+                                    layout.tensorboard_dir(workdir)]))
+  return results
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
+  start_time = time.perf_counter()
+  check_config(config)
+  prepare_workdir(workdir, config, allow_config_change)
+  c = build_components(config, workdir)
+  zero_shot = zero_shot_row(c, workdir, config)
+  first = layout.first_unfinished_task(workdir, len(c.stream))
+  if first > 0:
+    logging.info("resuming: tasks 0..%d already evaluated", first - 1)
+  evaluations = [files.read_json(layout.evaluation_path(workdir, t)) for t in range(first)]
+  carried = load_carried(c, workdir, first - 1)
+  timings = []
+  for t in range(first, len(c.stream)):
+    task_start = time.perf_counter()
+    carried = advance(c, t, carried, workdir, config)
+    train_seconds = time.perf_counter() - task_start
+    evaluations.append(evaluate_and_record(c, t, carried.params, workdir, config))
+    timings.append({"task": t, "train_s": round(train_seconds, 2),
+                    "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})
+    logging.info("task %d done: mean R@1 on it %.2f (%.0fs train, %.0fs eval)", t,
+                 evaluations[-1]["task_aware"]["reindex"].get(str(t), {}).get(metrics.HEADLINE, float("nan")),
+                 timings[-1]["train_s"], timings[-1]["eval_s"])
+  c.tensorboard.close()
+  run_info = {"config": layout.config_json(config), "tasks": c.task_info, "machine": report.machine_info(),
+              "devices": jax.device_count(), "processes": jax.process_count(), "timings": timings,
+              "wall_s_this_invocation": round(time.perf_counter() - start_time, 2)}
+  if jax.process_index() != 0:  # only process 0 queries the indexes: the others hold no metrics
+    return {**run_info, "tasks_trained": len(evaluations)}
+  return write_outputs(evaluations, zero_shot, run_info, workdir, config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
@@ -337,16 +437,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     config: the experiment config.
     workdir: local folder or ``gs://`` prefix; a rerun with the same config
       resumes from what it holds (finished evaluations, snapshots, the last
-      progress checkpoint of the task in training).
+      progress checkpoint of the task in training). Process 0 holds the
+      workdir's lock while it runs.
     allow_config_change: resume a workdir made with another config (the
       differences are logged and the workdir's config.json replaced).
 
   Raises:
-    UserError: bad config or data, a workdir that cannot be used, a diverged
-      loss, a full disk: a one-line cause and its fix.
+    UserError: bad config or data, a workdir that cannot be used or is in use,
+      a diverged loss, a full disk: a one-line cause and its fix.
   """
   try:
-    return _run(config, workdir, allow_config_change)
+    with layout.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+      return _run(config, workdir, allow_config_change)
   except FloatingPointError as e:
     raise UserError(f"{e}; the checkpoints before it are kept in {workdir}/progress and {workdir}/snapshots. "
                     "Lower train.learning_rate (or check the data) and rerun with --allow_config_change "
@@ -354,150 +456,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   except files.CorruptFileError as e:
     raise UserError(str(e)) from e
   except OSError as e:
-    if e.errno in _DISK_FULL:
+    if e.errno in layout.DISK_FULL:
       raise UserError(f"no space left on the device while writing {e.filename or 'to the workdir'}; free space "
                       "(or use a --workdir on a larger disk) and rerun the same command: finished tasks and the "
                       "last checkpoint are kept, half-written files are not") from e
     raise
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
-  start_time = time.perf_counter()
-  check_config(config)
-  prepare_workdir(workdir, config, allow_config_change)
-  stream = load_task_stream(config)
-  task_info = _log_stream(stream)
-  num_tasks = len(stream)
-  tokenizer = load_or_build_tokenizer(workdir, stream, config)
-  strategy = parse_strategy(config.train.strategy)
-
-  mesh = sharding.make_mesh()
-  try:
-    sharding.check_divisible(config.train.batch_size, mesh)
-    sharding.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-  except ValueError as e:
-    raise UserError(str(e)) from e
-  try:
-    model = build_model(config.model, tokenizer.vocab_size, tokenizer.max_length)
-  except ValueError as e:
-    raise UserError(str(e)) from e
-  image_size = sources.input_image_size(config)
-  dummy_images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-  dummy_tokens = jnp.zeros((1, tokenizer.max_length), jnp.int32)
-  params = jax.jit(model.init, out_shardings=sharding.replicated(mesh))(
-      jax.random.key(config.seed), dummy_images, dummy_tokens)
-  if config.model.get("image_tower_weights"):
-    try:
-      params = sharding.replicate(load_image_tower_weights(params, config.model.image_tower_weights), mesh)
-    except (OSError, ValueError) as e:
-      raise UserError(f"model.image_tower_weights: {e}") from e
-    logging.info("image tower initialised from %s", config.model.image_tower_weights)
-  optimizer = train.make_optimizer(config.train, strategy.regularizers(config))
-  loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None)
-  step_fn = train.make_train_step(loss_fn, optimizer, mesh)
-  template = regularizer_states(sharding.replicate(optimizer.init(params), mesh))
-  embedders = evaluate.make_embedder(model, mesh, config.eval.batch_size)
-  tensorboard = _TensorBoard(workdir)
-  metrics = evaluate.metric_names(config.eval.ks)
-
-  first = _first_unfinished_task(workdir, num_tasks)
-  evaluations = [files.read_json(_eval_path(workdir, t)) for t in range(first)]
-  if first > 0:
-    logging.info("resuming: tasks 0..%d already evaluated", first - 1)
-    params = checkpoint.restore_snapshot(workdir, first - 1, checkpoint.abstract_like(params))
-  timings = []
-  continual_state = None  # the regularizer states consolidated after the previous task
-  memory = replay.ReplayMemory()
-  for t in range(first, num_tasks):
-    task_start = time.perf_counter()
-    if t in checkpoint.completed_snapshots(workdir):
-      logging.info("task %d: snapshot found, evaluating it", t)
-      params = checkpoint.restore_snapshot(workdir, t, checkpoint.abstract_like(params))
-      # Task t's continual state was saved before its snapshot: the next task reads it from disk.
-      continual_state, memory = None, replay.ReplayMemory()
-    else:
-      train_data = stream.training_data(strategy.training_tasks(t))
-      if strategy.uses_replay:
-        if t > 0 and not memory.tasks:  # resumed run
-          memory = replay.ReplayMemory.load(_replay_path(workdir, t - 1))
-        sampler = replay.MixedSampler.create(train_data, memory.examples(stream) if memory.tasks else None,
-                                             tokenizer, config.continual.replay.fraction)
-      else:
-        sampler = PairSampler.create(train_data, tokenizer)
-      steps_per_epoch = sampler.steps_per_epoch(config.train.batch_size)
-      if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size={config.train.batch_size} exceeds the {len(train_data)} "
-                        f"training images of task {t}; lower it")
-      total_steps = steps_per_epoch * config.train.epochs_per_task
-      # Copied before init_state: the first step donates params.
-      teacher = jax.tree.map(jnp.copy, params) if strategy.uses_distillation and t > 0 else None
-      state = train.init_state(params, optimizer, mesh)
-      if t > 0 and strategy.regularizer_components:
-        if continual_state is None:  # resumed run
-          continual_state = checkpoint.restore_regularizers(workdir, t - 1, checkpoint.abstract_like(template))
-        state = state._replace(opt_state=sharding.replicate(
-            transfer_regularizer_states(continual_state, state.opt_state), mesh))
-      start_step = checkpoint.latest_progress(workdir, t) or 0
-      if start_step:
-        logging.info("task %d: resuming from its checkpoint at step %d of %d", t, start_step, total_steps)
-        state = checkpoint.restore_progress(workdir, t, start_step, checkpoint.abstract_like(state))
-      batches = _batches_from(sampler, config, t, steps_per_epoch, start_step)
-      logging.info("task %d (%s): %d steps on %d images (strategy %s)", t, stream.tasks[t].name,
-                   total_steps, len(train_data), strategy.name)
-      schedule = train.learning_rate_schedule(config.train, total_steps)
-      state, _ = train.fit(state, step_fn, batches, mesh, schedule, total_steps, t, config.train.log_every,
-                           on_log=lambda step, m: tensorboard.scalars(step, m, f"train/task_{t:02d}"),
-                           teacher_params=teacher, start_step=start_step,
-                           checkpoint_every=config.train.get("checkpoint_every", 0),
-                           on_checkpoint=lambda step, s: checkpoint.save_progress(workdir, t, step, s))
-      params = state.params
-      # The continual state is saved before the snapshot, so an existing snapshot implies it is on disk.
-      if strategy.regularizer_components:
-        continual_state = _consolidated_regularizers(t, strategy, state, params, loss_fn, model, stream,
-                                                     tokenizer, mesh, config)
-        checkpoint.save_regularizers(workdir, t, continual_state)
-      if strategy.uses_replay:
-        train_t = stream.tasks[t].splits["train"]
-        selection = config.continual.replay.selection
-        embeddings = embedders[0](params, train_t.images) if selection == "herding" else None
-        rows = replay.select_rows(selection, len(train_t), config.continual.replay.memory_per_task,
-                                  seed=config.seed, task=t, image_embeddings=embeddings)
-        memory = memory.add_task(t, rows)
-        if jax.process_index() == 0:
-          memory.save(_replay_path(workdir, t))
-      checkpoint.save_snapshot(workdir, t, params)
-      if jax.process_index() == 0:
-        checkpoint.clear_progress(workdir, t)
-    train_seconds = time.perf_counter() - task_start
-    evaluation = _evaluate_after_task(t, params, stream, tokenizer, embedders, workdir, config)
-    if jax.process_index() == 0:
-      files.atomic_write_json(_eval_path(workdir, t), evaluation)
-      for scope, per_policy in evaluation.items():
-        for policy, per_task in per_policy.items():
-          for k, values in per_task.items():
-            tensorboard.scalars(t, values, f"eval_{scope}_{policy}/task_{int(k):02d}")
-      tensorboard.sync()
-    evaluations.append(evaluation)
-    timings.append({"task": t, "train_s": round(train_seconds, 2),
-                    "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})
-    logging.info("task %d done: mean R@1 on it %.2f (%.0fs train, %.0fs eval)", t,
-                 evaluation["task_aware"]["reindex"].get(str(t), {}).get(evaluate.HEADLINE, float("nan")),
-                 timings[-1]["train_s"], timings[-1]["eval_s"])
-  tensorboard.close()
-
-  run_info = {"config": _config_json(config), "tasks": task_info, "devices": jax.device_count(),
-              "processes": jax.process_count(), "timings": timings,
-              "wall_s_this_invocation": round(time.perf_counter() - start_time, 2)}
-  if jax.process_index() != 0:  # only process 0 queries the indexes: the others hold no metrics
-    return {**run_info, "tasks_trained": len(evaluations)}
-  results = report.build_results(evaluations, metrics, run_info)
-  results["analysis"] = analysis.analyze_workdir(workdir, results["tasks_trained"])
-  results["analysis_summary"] = analysis.summarize_analysis(results["analysis"])
-  results_path = os.path.join(workdir, "results.json")
-  files.atomic_write_json(results_path, results)
-  plots = report.plot_results(results, workdir)
-  plots.append(analysis.plot_analysis(results["analysis"], os.path.join(workdir, "plots", "analysis.png")))
-  report_path = report.write_report(results, workdir, plots)
-  print("\n" + report.summary_table(results) + "\n")
-  print("wrote:\n  " + "\n  ".join([results_path, report_path, *plots, os.path.join(workdir, "tensorboard")]))
-  return results

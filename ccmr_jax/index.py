@@ -127,18 +127,6 @@ def search(searcher: Searcher, queries: np.ndarray, num_neighbors: int) -> tuple
   return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
 
 
-def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-  """Exact top-``k`` rows by inner product, in numpy (the reference for agreement)."""
-  k = min(k, len(gallery))
-  out = []
-  for start in range(0, len(queries), chunk):
-    scores = queries[start:start + chunk] @ gallery.T
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-    out.append(np.take_along_axis(top, order, 1))
-  return np.concatenate(out) if out else np.zeros((0, k), np.int64)
-
-
 def agreement(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> float:
   """Recall of the approximate top-K against the exact top-K: mean |A ∩ E| / K, over the same queries."""
   if len(approximate_rows) != len(exact_rows):

@@ -9,10 +9,11 @@ resumes a workdir under a changed config.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ccmr_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scenes.py")
 
@@ -22,21 +23,18 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir made with another config (the differences are logged).")
 
 
+@cli.exits_on_user_error()
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from ccmr_jax import distributed, experiment  # after flag parsing: keeps --help fast
 
-  experiment.configure_logging()
+  cli.configure_logging()
   try:
-    try:
-      distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
-    except ValueError as e:
-      raise experiment.UserError(str(e)) from e
-    experiment.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except experiment.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
+  except ValueError as e:
+    raise cli.UserError(str(e)) from e
+  experiment.run(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 def entry_point() -> None:

@@ -18,42 +18,38 @@ process (evaluation is cheap next to training).
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 import ml_collections
 from absl import app, flags, logging
 
-from ccmr_jax import checkpoint, experiment, files
-
-_COPIED_FILES = ("config.json", "tokenizer.json")
-
+from ccmr_jax import checkpoint, cli, experiment, files
+from ccmr_jax import workdir as layout
 
 def prepare(source: str, workdir: str, split: str, index_mode: str | None = None) -> ml_collections.ConfigDict:
   """Copies ``source``'s config, tokenizer and snapshots into ``workdir``; returns the new config.
 
   Raises:
-    experiment.UserError: ``source`` is not a run with snapshots, or
+    cli.UserError: ``source`` is not a run with snapshots, or
       ``workdir`` holds a run of another config.
   """
   if split not in experiment.EVAL_SPLITS:
-    raise experiment.UserError(f"unknown split {split!r}; choose one of {list(experiment.EVAL_SPLITS)}")
-  for name in _COPIED_FILES:
-    if not files.exists(os.path.join(source, name)):
-      raise experiment.UserError(f"{source} has no {name}: --source must be the workdir of a run")
+    raise cli.UserError(f"unknown split {split!r}; choose one of {list(experiment.EVAL_SPLITS)}")
+  for path in (layout.config_path(source), layout.tokenizer_path(source)):
+    if not files.exists(path):
+      raise cli.UserError(f"{source} has no {os.path.basename(path)}: --source must be the workdir of a run")
   snapshots = checkpoint.completed_snapshots(source)
   if not snapshots:
-    raise experiment.UserError(f"{source} has no snapshot yet: train it first")
-  config = ml_collections.ConfigDict(files.read_json(os.path.join(source, "config.json")))
+    raise cli.UserError(f"{source} has no snapshot yet: train it first")
+  config = ml_collections.ConfigDict(files.read_json(layout.config_path(source)))
   config.eval.split = split
   if index_mode is not None:
     config.eval.index_mode = index_mode
   experiment.prepare_workdir(workdir, config)  # refuses a workdir of another config before anything is copied
-  tokenizer = files.read_bytes(os.path.join(source, "tokenizer.json"))
-  files.atomic_write_bytes(os.path.join(workdir, "tokenizer.json"), tokenizer)
+  files.atomic_write_bytes(layout.tokenizer_path(workdir), files.read_bytes(layout.tokenizer_path(source)))
   for task in snapshots:
     if task not in checkpoint.completed_snapshots(workdir):
-      files.copy_tree(checkpoint.snapshot_dir(source, task), checkpoint.snapshot_dir(workdir, task))
+      files.copy_tree(layout.snapshot_dir(source, task), layout.snapshot_dir(workdir, task))
   return config
 
 
@@ -63,16 +59,13 @@ _SPLIT = flags.DEFINE_enum("split", "val", list(experiment.EVAL_SPLITS), "Split 
 _INDEX_MODE = flags.DEFINE_string("index_mode", None, "eval.index_mode for the new evaluation (default: the run's).")
 
 
+@cli.exits_on_user_error()
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  experiment.configure_logging()
-  try:
-    config = prepare(_SOURCE.value, _WORKDIR.value, _SPLIT.value, _INDEX_MODE.value)
-    experiment.run(config, _WORKDIR.value)
-  except experiment.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.configure_logging()
+  config = prepare(_SOURCE.value, _WORKDIR.value, _SPLIT.value, _INDEX_MODE.value)
+  experiment.run(config, _WORKDIR.value)
   logging.info("evaluated the snapshots of %s on %s in %s", _SOURCE.value, _SPLIT.value, _WORKDIR.value)
 
 

@@ -3,12 +3,14 @@
 ``results.json`` holds, for each indexing policy and metric, the matrix
 ``R[t][k]`` (after training task ``t``, on task ``k``'s test queries; ``null``
 for ``k > t``) and its summary (final average, forgetting, BWT; see
-:func:`ccmr_jax.evaluate.continual_summary` for the definitions).
+:func:`ccmr_jax.metrics.continual_summary` for the definitions).
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import tempfile
 from typing import Sequence
 
 import matplotlib
@@ -17,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ccmr_jax import evaluate, files  # noqa: E402
+from ccmr_jax import files, metrics, policies  # noqa: E402
+from ccmr_jax import workdir as layout  # noqa: E402
 
 DEFINITIONS = {
     "R[t][k]": "metric on task k's test queries after training task t; null for k > t",
@@ -32,47 +35,51 @@ DEFINITIONS = {
     "no_reindex": "the gallery of task k is embedded once with S_k and kept; queries use S_t",
     "task_aware": "queries of task k search task k's gallery only",
     "task_agnostic": "queries of task k search the union of every seen task's gallery (policies, per part)",
+    "zero_shot[k]": "R[-1][k]: the starting encoders (before task 0) on task k's queries and gallery, task-aware",
 }
 
 
-RESULT_KEYS = {"task_aware": "policies", "task_agnostic": "policies_agnostic"}
-
-
-def _policy_summaries(evaluations: Sequence[dict], scope: str, metrics: Sequence[str]) -> dict:
+def _policy_summaries(evaluations: Sequence[dict], scope: str, metric_names: Sequence[str]) -> dict:
   num_done = len(evaluations)
-  policies = {}
-  for policy in evaluate.POLICIES:
+  summaries = {}
+  for policy in policies.POLICY_NAMES:
     per_metric = {}
-    for metric in metrics:
+    for metric in metric_names:
       matrix = np.full((num_done, num_done), np.nan)
       for t, evaluation in enumerate(evaluations):
         for k in range(t + 1):
-          matrix[t, k] = evaluation[scope][policy][str(k)].get(metric, 1.0 if metric == evaluate.ANN_AGREEMENT else np.nan)
+          matrix[t, k] = evaluation[scope][policy][str(k)].get(metric, 1.0 if metric == metrics.ANN_AGREEMENT else np.nan)
       per_metric[metric] = {
           "matrix": [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in matrix],
-          **evaluate.continual_summary(matrix),
+          **metrics.continual_summary(matrix),
       }
-    policies[policy] = per_metric
-  return policies
+    summaries[policy] = per_metric
+  return summaries
 
 
-def build_results(evaluations: Sequence[dict], metrics: Sequence[str], run_info: dict) -> dict:
+def build_results(evaluations: Sequence[dict], metric_names: Sequence[str], run_info: dict,
+                  zero_shot: dict | None = None) -> dict:
   """Assembles per-task evaluations ``[{scope: {policy: {k: {metric: value}}}}]`` into the results document.
 
-  Task-aware results go under ``policies``, task-agnostic ones under ``policies_agnostic``.
+  Task-aware results go under ``policies``, task-agnostic ones under
+  ``policies_agnostic``; ``zero_shot`` (``{str(k): metrics}`` of the starting
+  encoders on every task) goes under ``zero_shot`` as ``{metric: [R[-1][k] for k]}``.
   """
   out = {**run_info, "tasks_trained": len(evaluations), "definitions": DEFINITIONS}
-  for scope, key in RESULT_KEYS.items():
-    approximate = any(evaluate.ANN_AGREEMENT in m for e in evaluations for p in e[scope].values() for m in p.values())
-    out[key] = _policy_summaries(evaluations, scope, [*metrics, *([evaluate.ANN_AGREEMENT] if approximate else [])])
+  if zero_shot:
+    out["zero_shot"] = {metric: [round(float(zero_shot[str(k)][metric]), 4) for k in range(len(zero_shot))]
+                        for metric in metric_names}
+  for scope, key in metrics.SCOPES.items():
+    approximate = any(metrics.ANN_AGREEMENT in m for e in evaluations for p in e[scope].values() for m in p.values())
+    out[key] = _policy_summaries(evaluations, scope, [*metric_names, *([metrics.ANN_AGREEMENT] if approximate else [])])
   return out
 
 
-def summary_rows(results: dict, metrics: Sequence[str]) -> list[tuple[str, str, str, float, float | None, float | None]]:
+def summary_rows(results: dict, metric_names: Sequence[str]) -> list[tuple[str, str, str, float, float | None, float | None]]:
   rows = []
-  for scope, key in RESULT_KEYS.items():
+  for scope, key in metrics.SCOPES.items():
     for policy, per_metric in results[key].items():
-      for metric in metrics:
+      for metric in metric_names:
         m = per_metric[metric]
         rows.append((scope, policy, metric, m["final_average"], m["forgetting"], m["bwt"]))
   return rows
@@ -82,19 +89,22 @@ def _fmt(value) -> str:
   return "—" if value is None else f"{value:.2f}"
 
 
-def summary_table(results: dict, metrics: Sequence[str] = ("i2t_r1", "t2i_r1", "mean_r1")) -> str:
+def summary_table(results: dict, metric_names: Sequence[str] = ("i2t_r1", "t2i_r1", "mean_r1")) -> str:
   """Markdown table: scope × policy × metric → final average, forgetting, BWT."""
   lines = ["| scope | policy | metric | final average | forgetting | BWT |", "|---|---|---|---:|---:|---:|"]
-  for scope, policy, metric, final, forgetting, bwt in summary_rows(results, metrics):
+  for scope, policy, metric, final, forgetting, bwt in summary_rows(results, metric_names):
     lines.append(f"| {scope} | {policy} | {metric} | {_fmt(final)} | {_fmt(forgetting)} | {_fmt(bwt)} |")
   return "\n".join(lines)
 
 
-def matrix_table(matrix: list[list[float | None]], task_names: Sequence[str]) -> str:
-  header = "| after task \\ on task | " + " | ".join(f"{k}: {n}" for k, n in enumerate(task_names[: len(matrix)])) + " |"
-  lines = [header, "|---" * (len(matrix) + 1) + "|"]
+def matrix_table(matrix: list[list[float | None]], task_names: Sequence[str],
+                 row_labels: Sequence[str] | None = None) -> str:
+  """Markdown table of ``R[t][k]``: a row per ``t`` (labelled ``t``, or by ``row_labels``), a column per task."""
+  columns = len(matrix[0]) if matrix else 0
+  header = "| after task \\ on task | " + " | ".join(f"{k}: {n}" for k, n in enumerate(task_names[:columns])) + " |"
+  lines = [header, "|---" * (columns + 1) + "|"]
   for t, row in enumerate(matrix):
-    lines.append(f"| {t} | " + " | ".join(_fmt(v) for v in row) + " |")
+    lines.append(f"| {row_labels[t] if row_labels else t} | " + " | ".join(_fmt(v) for v in row) + " |")
   return "\n".join(lines)
 
 
@@ -133,16 +143,20 @@ def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
       summary_table(results),
       "",
   ]
-  for scope, key in RESULT_KEYS.items():
+  if "zero_shot" in results:
+    parts += ["## Zero-shot: the starting encoders on every task (task-aware, mean R@1)", "",
+              matrix_table([results["zero_shot"][metrics.HEADLINE]], names, ["zero-shot"]),
+              ""]
+  for scope, key in metrics.SCOPES.items():
     for policy, per_metric in results[key].items():
       parts += [f"## {scope}, `{policy}`: mean R@1 matrix", "",
-                matrix_table(per_metric[evaluate.HEADLINE]["matrix"], names), "",
+                matrix_table(per_metric[metrics.HEADLINE]["matrix"], names), "",
                 f"rsum matrix ({scope}, {policy}):", "", matrix_table(per_metric["rsum"]["matrix"], names), ""]
   if "analysis_summary" in results:
     parts += analysis_section(results["analysis_summary"])
   parts += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
   parts += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
-  path = os.path.join(workdir, "report.md")
+  path = layout.report_path(workdir)
   files.atomic_write_text(path, "\n".join(parts) + "\n")
   return path
 
@@ -152,21 +166,21 @@ def _save_figure(fig, path: str) -> None:
   plt.close(fig)
 
 
-def plot_results(results: dict, workdir: str, metric: str = evaluate.HEADLINE) -> list[str]:
+def plot_results(results: dict, workdir: str, metric: str = metrics.HEADLINE) -> list[str]:
   """Recall-matrix heatmaps and per-task curves: rows are scopes, columns policies."""
-  policies = list(evaluate.POLICIES)
-  scopes = [scope for scope, key in RESULT_KEYS.items() if key in results]
+  columns = list(policies.POLICY_NAMES)
+  scopes = [scope for scope, key in metrics.SCOPES.items() if key in results]
   names = [t["name"] for t in results["tasks"]]
   num = results["tasks_trained"]
 
   def matrix_of(scope, policy):
-    rows = results[RESULT_KEYS[scope]][policy][metric]["matrix"]
+    rows = results[metrics.SCOPES[scope]][policy][metric]["matrix"]
     return np.array([[np.nan if v is None else v for v in row] for row in rows])
 
-  fig, axes = plt.subplots(len(scopes), len(policies), figsize=(5.2 * len(policies), 4 * len(scopes)),
+  fig, axes = plt.subplots(len(scopes), len(columns), figsize=(5.2 * len(columns), 4 * len(scopes)),
                            squeeze=False, layout="constrained")
   for row, scope in enumerate(scopes):
-    for ax, policy in zip(axes[row], policies):
+    for ax, policy in zip(axes[row], columns):
       matrix = matrix_of(scope, policy)
       top = max(1.0, np.nanmax(matrix))
       image = ax.imshow(matrix, vmin=0, vmax=top, cmap="viridis")
@@ -180,23 +194,79 @@ def plot_results(results: dict, workdir: str, metric: str = evaluate.HEADLINE) -
       ax.set_xticks(range(num))
       ax.set_yticks(range(num))
       fig.colorbar(image, ax=ax, fraction=0.046)
-  matrix_path = os.path.join(workdir, "plots", "recall_matrix.png")
+  matrix_path = os.path.join(layout.plots_dir(workdir), "recall_matrix.png")
   _save_figure(fig, matrix_path)
 
-  fig, axes = plt.subplots(len(scopes), len(policies), figsize=(5.2 * len(policies), 3.6 * len(scopes)),
+  fig, axes = plt.subplots(len(scopes), len(columns), figsize=(5.2 * len(columns), 3.6 * len(scopes)),
                            squeeze=False, sharey=True, layout="constrained")
   for row, scope in enumerate(scopes):
-    for ax, policy in zip(axes[row], policies):
+    for ax, policy in zip(axes[row], columns):
       matrix = matrix_of(scope, policy)
       for k in range(num):
         ts = list(range(k, num))
-        ax.plot(ts, [matrix[t, k] for t in ts], marker="o", label=f"task {k}: {names[k]}")
+        line, = ax.plot(ts, [matrix[t, k] for t in ts], marker="o", label=f"task {k}: {names[k]}")
+        if "zero_shot" in results:  # the starting encoders, drawn at t = -1
+          ax.plot([-1, k], [results["zero_shot"][metric][k], matrix[k, k]], ls=":", marker="s", color=line.get_color())
       ax.set_title(f"{scope}, {policy}: {metric} of each task")
-      ax.set_xlabel("after training task t")
-      ax.set_xticks(range(num))
+      ax.set_xlabel("after training task t (-1: zero-shot)" if "zero_shot" in results else "after training task t")
+      ax.set_xticks(range(-1 if "zero_shot" in results else 0, num))
       ax.grid(alpha=0.3)
     axes[row][0].set_ylabel(metric)
   axes[0][-1].legend(fontsize=7, loc="best")
-  curves_path = os.path.join(workdir, "plots", "task_curves.png")
+  curves_path = os.path.join(layout.plots_dir(workdir), "task_curves.png")
   _save_figure(fig, curves_path)
   return [matrix_path, curves_path]
+
+
+class TensorBoard:
+  """Scalars to ``workdir/tensorboard``, written by one process only (``enabled``).
+
+  For a cloud workdir the event files are written locally and uploaded by
+  :meth:`sync` (after every task, and at the end).
+  """
+
+  def __init__(self, target: str, enabled: bool = True):
+    self.writer = None
+    self.target = target
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.local = tempfile.mkdtemp(prefix="ccmr_tensorboard_") if files.is_remote(target) else target
+      self.writer = SummaryWriter(self.local)
+
+  def scalars(self, step: int, values: dict, prefix: str) -> None:
+    if self.writer is not None:
+      for name, value in values.items():
+        self.writer.add_scalar(f"{prefix}/{name}", value, step)
+      self.writer.flush()
+
+  def sync(self) -> None:
+    if self.writer is not None and self.local != self.target:
+      for name in os.listdir(self.local):
+        with open(os.path.join(self.local, name), "rb") as f:
+          files.atomic_write_bytes(os.path.join(self.target, name), f.read())
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.sync()
+
+
+def machine_info() -> dict:
+  """The CPU (model, the vector ISAs floats depend on), cores and library versions: numbers are tied to them."""
+  model, flags = platform.processor() or "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  import jax  # the report stage itself is jax-free; only this record names the backend
+
+  return {"cpu": model, "isa": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+          "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "numpy": np.__version__, "backend": jax.default_backend()}

@@ -2,7 +2,7 @@
 
   python -m ccmr_jax.sweep --config=configs/scenes.py --strategies=finetune,joint,ewc,ewc+replay \\
       --workdir=runs/sweep --sweep=ewc.strength=10,100,1000 [--sweep=replay.fraction=0.25,0.5] \\
-      [--eval_split=val]
+      [--eval_split=val] [--seeds=0,1,2]
 
 Every strategy runs in ``WORKDIR/<strategy>``. A ``--sweep=SECTION.FIELD=V1,V2,...``
 sets ``config.continual.SECTION.FIELD``; it applies to the strategies that
@@ -30,7 +30,6 @@ import dataclasses
 import itertools
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -38,7 +37,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ccmr_jax import compare, distributed, experiment, files
+from ccmr_jax import cli, compare, distributed, experiment, files
+from ccmr_jax import workdir as layout
 from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scenes.py")
@@ -125,24 +125,30 @@ class PlannedRun:
     name: its directory under the sweep's workdir.
     strategy: the ``train.strategy`` it sets.
     assignments: ``(path under config.continual, value)`` pairs it sets.
+    seed: the seed it sets (:func:`run_config`), or None to keep the config's.
   """
 
   name: str
   strategy: str
   assignments: tuple[tuple[str, Any], ...]
+  seed: int | None = None
 
 
-def plan_runs(strategies: Sequence[str], sweeps: Sequence[SweptField]) -> list[PlannedRun]:
-  """Every (strategy, swept values) run, strategies in the order given.
+def plan_runs(strategies: Sequence[str], sweeps: Sequence[SweptField], seeds: Sequence[int] = ()) -> list[PlannedRun]:
+  """Every (strategy, swept values, seed) run, strategies in the order given.
 
   A sweep applies to a strategy that reads its section of ``config.continual``
   (:attr:`Strategy.continual_sections`); a strategy with several applicable
-  sweeps runs over their grid.
+  sweeps runs over their grid; with ``seeds`` each of those runs once per
+  seed, in ``<name>_seed=<seed>``.
 
   Raises:
     ValueError: no strategy, an unknown or repeated strategy, a field swept
-      twice, or a sweep that applies to none of the strategies.
+      twice, a sweep that applies to none of the strategies, or a repeated
+      or negative seed.
   """
+  if len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+    raise ValueError(f"--seeds must be distinct whole numbers >= 0, got {list(seeds)}")
   if not strategies:
     raise ValueError("--strategies is empty; name at least one, e.g. --strategies=finetune,joint")
   parsed = [parse_strategy(name) for name in strategies]
@@ -162,13 +168,18 @@ def plan_runs(strategies: Sequence[str], sweeps: Sequence[SweptField]) -> list[P
     for values in itertools.product(*(f.values for f in applicable)):
       assignments = tuple((f.path, v) for f, v in zip(applicable, values))
       name = strategy.name + "".join(f"_{path}={format_value(v)}" for path, v in assignments)
-      runs.append(PlannedRun(name, strategy.name, assignments))
+      runs += [PlannedRun(f"{name}_seed={seed}", strategy.name, assignments, seed) for seed in seeds] \
+          or [PlannedRun(name, strategy.name, assignments)]
   return runs
 
 
 def run_config(base: ml_collections.ConfigDict, planned: PlannedRun,
                eval_split: str | None = None) -> ml_collections.ConfigDict:
-  """A copy of ``base`` with the run's strategy, swept values and evaluation split set.
+  """A copy of ``base`` with the run's strategy, swept values, seed and evaluation split set.
+
+  A seed sets ``config.seed`` (initialisation, batch order, replay draws) and,
+  for the embedded scenes, ``data.scenes.seed`` (the task stream's images; the
+  pretraining corpus keeps its own seed): a replicate of the whole experiment.
 
   Raises:
     ValueError: a swept value ``check_continual_config`` refuses (the message
@@ -177,6 +188,10 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun,
   config = copy.deepcopy(base)
   config.unlock()
   config.train.strategy = planned.strategy
+  if planned.seed is not None:
+    config.seed = planned.seed
+    if config.data.source == "scenes":
+      config.data.scenes.seed = planned.seed
   for path, value in planned.assignments:
     section, field = path.split(".")
     config.continual[section][field] = value
@@ -189,7 +204,7 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun,
 
 def _finished_with(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether ``run_dir`` holds the results of a finished run of exactly ``config``."""
-  path = os.path.join(run_dir, "results.json")
+  path = layout.results_path(run_dir)
   if not files.exists(path):
     return False
   try:
@@ -199,7 +214,7 @@ def _finished_with(run_dir: str, config: ml_collections.ConfigDict) -> bool:
 
 
 def run_sweep(base: ml_collections.ConfigDict, strategies: Sequence[str], sweep_texts: Sequence[str],
-              workdir: str, eval_split: str | None = None) -> list[str]:
+              workdir: str, eval_split: str | None = None, seeds: Sequence[int] = ()) -> list[str]:
   """Runs (or resumes) every planned run, then writes the comparison into ``workdir``.
 
   Every config is built and checked before the first run starts.
@@ -211,12 +226,13 @@ def run_sweep(base: ml_collections.ConfigDict, strategies: Sequence[str], sweep_
     workdir: the sweep's folder; run ``r`` goes to ``workdir/r.name``.
     eval_split: ``"val"`` or ``"test"`` to set ``config.eval.split``; None
       keeps the config's.
+    seeds: run everything once per seed (:func:`run_config`); empty keeps the config's seed.
 
   Returns:
     The paths the comparison wrote (empty on processes other than 0).
 
   Raises:
-    experiment.UserError: bad strategies, sweeps or swept values (raised
+    cli.UserError: bad strategies, sweeps or swept values (raised
       before any run starts), or a run's config or workdir is refused.
     compare.CompareError: a run left no usable ``results.json``.
   """
@@ -224,12 +240,12 @@ def run_sweep(base: ml_collections.ConfigDict, strategies: Sequence[str], sweep_
     if eval_split is not None and eval_split not in EVAL_SPLITS:
       raise ValueError(f"--eval_split must be one of {list(EVAL_SPLITS)}, got {eval_split!r}")
     if sweep_texts and "continual" not in base:
-      raise ValueError("--sweep needs a config with a 'continual' section (strategies.continual_defaults())")
+      raise ValueError("--sweep needs a config with a 'continual' section (ccmr_jax.defaults.continual_defaults())")
     sweeps = [parse_sweep(text, base.continual) for text in sweep_texts]
-    planned = plan_runs(strategies, sweeps)
+    planned = plan_runs(strategies, sweeps, seeds)
     configs = [run_config(base, p, eval_split) for p in planned]
   except ValueError as e:
-    raise experiment.UserError(str(e)) from e
+    raise cli.UserError(str(e)) from e
   run_dirs = [os.path.join(workdir, p.name) for p in planned]
   for p, config, run_dir in zip(planned, configs, run_dirs):
     if _finished_with(run_dir, config):
@@ -252,25 +268,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=flag_values, required=True)
   flags.DEFINE_multi_string("sweep", [], "SECTION.FIELD=V1,V2,...: values of config.continual.SECTION.FIELD "
                             "to try; repeat the flag to sweep a grid.", flag_values=flag_values)
+  flags.DEFINE_list("seeds", [], "Comma-separated seeds: every run once per seed (config.seed and the scenes' "
+                    "data.scenes.seed), then mean ± std in compare_mean_std.md.", flag_values=flag_values)
   flags.DEFINE_enum("eval_split", None, list(EVAL_SPLITS), "Split the recall matrices are measured on "
                     "(sets config.eval.split); default: the config's.", flag_values=flag_values)
 
 
+@cli.exits_on_user_error(compare.CompareError)
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  experiment.configure_logging()
+  cli.configure_logging()
   config = flag_values["config"].value
   try:
-    try:
-      distributed.maybe_initialize(config)  # before anything touches a device
-    except ValueError as e:
-      raise experiment.UserError(str(e)) from e
-    paths = run_sweep(config, flag_values["strategies"].value, flag_values["sweep"].value,
-                      flag_values["workdir"].value, flag_values["eval_split"].value)
-  except (experiment.UserError, compare.CompareError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.maybe_initialize(config)  # before anything touches a device
+  except ValueError as e:
+    raise cli.UserError(str(e)) from e
+  try:
+    seeds = [int(seed) for seed in flag_values["seeds"].value]
+  except ValueError as e:
+    raise cli.UserError(f"--seeds must be whole numbers, got {flag_values['seeds'].value}") from e
+  paths = run_sweep(config, flag_values["strategies"].value, flag_values["sweep"].value,
+                    flag_values["workdir"].value, flag_values["eval_split"].value, seeds)
   if paths:
     print("wrote:\n  " + "\n  ".join(paths))
 

@@ -10,8 +10,10 @@ in the regularizer state handed over by the strategy.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import time
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,26 +41,94 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict, total_steps:
       decay_steps=max(total_steps, warmup + 1), end_value=train_config.learning_rate * train_config.final_lr_fraction)
 
 
+TRAINABLE_PRESETS = {
+    "all": ("*",),
+    "projections": ("image_projection/*", "text_projection/*", "log_scale"),
+    "text_side": ("text_tower/*", "text_projection/*", "log_scale"),  # the image side frozen
+    "image_side": ("image_tower/*", "image_projection/*", "log_scale"),  # the text side frozen
+}
+
+
+def trainable_patterns(trainable: str) -> tuple[str, ...]:
+  """``train.trainable`` as glob patterns over parameter paths (``text_tower/Embed_0/embedding``).
+
+  Args:
+    trainable: a preset of :data:`TRAINABLE_PRESETS`, or comma-separated
+      ``fnmatch`` patterns (``*`` crosses ``/``) matched against the path of
+      each parameter inside the ``params`` collection, e.g.
+      ``"text_tower/*,text_projection/*"``.
+
+  Raises:
+    ValueError: not a string, or an empty pattern.
+  """
+  if not isinstance(trainable, str):
+    raise ValueError(f"train.trainable must be a string, got {trainable!r}")
+  if trainable in TRAINABLE_PRESETS:
+    return TRAINABLE_PRESETS[trainable]
+  patterns = tuple(p.strip() for p in trainable.split(","))
+  if not all(patterns):
+    raise ValueError(f"train.trainable {trainable!r} has an empty pattern; give a preset of "
+                     f"{list(TRAINABLE_PRESETS)} or comma-separated path patterns such as 'text_tower/*,log_scale'")
+  return patterns
+
+
+def _param_path(path) -> str:
+  keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+  return "/".join(keys[1:] if keys and keys[0] == "params" else keys)
+
+
+def trainable_mask(params, patterns: Sequence[str]):
+  """A pytree of bools like ``params``: True where a parameter's path matches one of ``patterns``.
+
+  Raises:
+    ValueError: a pattern matches no parameter (a typo would freeze what it meant to train).
+  """
+  names = [_param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+  if unmatched:
+    tops = sorted({name.split("/")[0] for name in names})
+    raise ValueError(f"train.trainable: {unmatched} match no parameter; paths start with {tops} "
+                     "(e.g. 'text_tower/*'), or use a preset of " + str(list(TRAINABLE_PRESETS)))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(fnmatch.fnmatchcase(_param_path(path), p) for p in patterns), params)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict,
                    regularizers: Iterable[optax.GradientTransformation] = ()) -> optax.GradientTransformation:
-  """``chain(*regularizers, clip_by_global_norm, adamw)``.
+  """``chain(*regularizers, clip_by_global_norm, adamw)`` over the parameters ``train.trainable`` names.
 
   AdamW's learning rate is an injected hyperparameter (see
   :func:`set_learning_rate`), so one compiled step serves tasks of any length.
+  Unless every parameter trains, the chain runs inside ``optax.masked`` over
+  the trainable ones (the others hold no optimizer or regularizer state, and
+  the gradient norm is theirs alone) and the updates of the frozen ones are
+  zeroed.
   """
-  return optax.chain(
+  inner = optax.chain(
       *regularizers,
       optax.clip_by_global_norm(train_config.grad_clip),
       optax.inject_hyperparams(optax.adamw)(learning_rate=train_config.learning_rate,
                                             weight_decay=train_config.weight_decay),
   )
+  patterns = trainable_patterns(train_config.get("trainable", "all"))
+  if patterns == TRAINABLE_PRESETS["all"]:
+    return inner
+  trainable = functools.partial(trainable_mask, patterns=patterns)
+
+  def frozen(params):
+    return jax.tree.map(lambda t: not t, trainable(params))
+
+  return optax.chain(optax.masked(inner, trainable), optax.masked(optax.set_to_zero(), frozen))
 
 
 def set_learning_rate(opt_state, learning_rate):
   """The state of :func:`make_optimizer` with AdamW's learning rate replaced."""
-  adamw_state = opt_state[-1]
-  hyperparams = dict(adamw_state.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
-  return (*opt_state[:-1], adamw_state._replace(hyperparams=hyperparams))
+  def replace(node):
+    if not isinstance(node, optax.InjectHyperparamsState):
+      return node
+    return node._replace(hyperparams=dict(node.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32)))
+
+  return jax.tree.map(replace, opt_state, is_leaf=lambda node: isinstance(node, optax.InjectHyperparamsState))
 
 
 def make_loss_fn(model, loss_config: ml_collections.ConfigDict,
@@ -115,6 +185,14 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def init_params(model, seed: int, image_size: int, max_length: int, mesh: Mesh):
+  """The model's randomly initialised variables for ``seed``, replicated over ``mesh``."""
+  dummy_images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  dummy_tokens = jnp.zeros((1, max_length), jnp.int32)
+  return jax.jit(model.init, out_shardings=sharding.replicated(mesh))(jax.random.key(seed), dummy_images,
+                                                                      dummy_tokens)
 
 
 def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:

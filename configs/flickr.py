@@ -21,11 +21,11 @@ continual retrieval papers (KDR: VSE++ hinge, margin 0.2, 10 epochs per task):
 
 import ml_collections
 
-from configs import scenes
+from configs import scenes_scratch
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = scenes.get_config()
+  config = scenes_scratch.get_config()
   config.data = ml_collections.ConfigDict()
   config.data.source = "flickr30k"
   config.data.num_tasks = 5

@@ -3,11 +3,11 @@
   python -m ccmr_jax.main --config=configs/tiny.py --workdir=/tmp/ccmr_tiny
 """
 
-from configs import scenes
+from configs import scenes_scratch
 
 
 def get_config():
-  config = scenes.get_config()
+  config = scenes_scratch.get_config()
   config.data.num_tasks = 2
   config.data.scenes.update(num_train=400, num_val=40, num_test=80)
   config.model.embed_dim = 32

@@ -30,3 +30,12 @@ def make_examples(labels, captions_per_image=2, image_size=8, seed=0):
       caption_image=np.repeat(np.arange(n), captions_per_image),
       labels=tuple(np.asarray(l, np.int32) for l in labels),
   )
+
+
+def captioned_examples(captions_per_image):
+  """:class:`Examples` of blank images with the given captions per image (no labels that matter)."""
+  captions = tuple(c for caps in captions_per_image for c in caps)
+  owner = np.repeat(np.arange(len(captions_per_image)), [len(c) for c in captions_per_image])
+  n = len(captions_per_image)
+  return Examples(np.zeros((n, 2, 2, 3), np.uint8), np.arange(n), captions, owner,
+                  tuple(np.array([0], np.int32) for _ in range(n)))

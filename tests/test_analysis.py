@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ccmr_jax import analysis, evaluate, files
+from ccmr_jax import analysis, files, metrics
 
 
 def _circle(degrees, dims=2):
@@ -60,8 +60,8 @@ def test_alignment_of_two_shifted_clouds():
 
 def test_unmatched_cosine_is_the_mean_over_every_non_matching_pair():
   rng = np.random.default_rng(1)
-  images = analysis._unit_rows(rng.normal(size=(5, 6)))
-  captions = analysis._unit_rows(rng.normal(size=(12, 6)))
+  images = metrics.unit_rows(rng.normal(size=(5, 6)))
+  captions = metrics.unit_rows(rng.normal(size=(12, 6)))
   caption_image = rng.integers(0, 5, size=12)
   cosines = captions @ images.T
   matched = cosines[np.arange(12), caption_image]
@@ -84,14 +84,6 @@ def test_confusion_on_a_hand_made_ranking():
   assert one_task["top1_other_task"] == pytest.approx(2 / 3)
   with pytest.raises(ValueError, match="outside the gallery"):
     analysis.inter_task_confusion(np.array([[5]]), row_task, 0)
-
-
-def test_the_policies_name_the_snapshots_evaluate_uses():
-  assert analysis.POLICIES == evaluate.POLICIES
-  for policy in evaluate.POLICIES:
-    for t in range(3):
-      for k in range(t + 1):
-        assert analysis._gallery_snapshot(policy, k, t) == evaluate.snapshot_for_gallery(policy, k, t)
 
 
 THETA = 30.0  # S_1 rotates task 0's plane by this many degrees

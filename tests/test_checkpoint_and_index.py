@@ -19,7 +19,7 @@ def _model_and_params(seed):
 def test_a_snapshot_restores_alone_and_re_embeds_to_the_same_vectors(tmp_path, devices):
   mesh = sharding.make_mesh(devices)
   model, params, images, tokens = _model_and_params(0)
-  embed_images, embed_texts = evaluate.make_embedder(model, mesh, batch_size=8)
+  embed_images, embed_texts = evaluate.make_embedders(model, mesh, batch_size=8)
   before = embed_images(params, images), embed_texts(params, tokens)
   checkpoint.save_snapshot(str(tmp_path), 3, params)
   assert checkpoint.completed_snapshots(str(tmp_path)) == [3]

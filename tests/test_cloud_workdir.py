@@ -11,6 +11,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from ccmr_jax import experiment, files, index, report
+from ccmr_jax import workdir as layout
 from configs import tiny
 
 
@@ -64,7 +65,7 @@ def test_workdir_checks_and_report_files_on_cloud_storage(bucket):
                                                       "t2i_r10", "rsum", "mean_r1")}}
                          for p in ("reindex", "no_reindex")} for scope in ("task_aware", "task_agnostic")}
   results = report.build_results([evaluation], ["i2t_r1", "t2i_r1", "rsum", "mean_r1"],
-                                 {"config": experiment._config_json(tiny.get_config()),
+                                 {"config": layout.config_json(tiny.get_config()),
                                   "tasks": [{"name": "round"}]})
   plots = report.plot_results(results, bucket)
   path = report.write_report(results, bucket, plots)
@@ -73,7 +74,7 @@ def test_workdir_checks_and_report_files_on_cloud_storage(bucket):
 
 
 def test_tensorboard_events_reach_a_cloud_workdir(bucket):
-  board = experiment._TensorBoard(bucket)
+  board = report.TensorBoard(f"{bucket}/tensorboard")
   board.scalars(1, {"loss": 0.5}, "train/task_00")
   board.close()
   names = files.listdir(f"{bucket}/tensorboard")

@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from ccmr_jax import compare, evaluate, files, report
+from ccmr_jax import compare, files, metrics, policies, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = evaluate.metric_names((1, 5, 10))
+METRICS = metrics.metric_names((1, 5, 10))
 
 
 def _results(strategy, base, agnostic_base=None):
@@ -20,7 +21,7 @@ def _results(strategy, base, agnostic_base=None):
   """
   def per_policy(values, t):
     return {policy: {str(k): {m: values[policy][t][k] + i for i, m in enumerate(METRICS)} for k in range(t + 1)}
-            for policy in evaluate.POLICIES}
+            for policy in policies.POLICY_NAMES}
 
   evaluations = [{"task_aware": per_policy(base, t), "task_agnostic": per_policy(agnostic_base or base, t)}
                  for t in range(2)]
@@ -86,7 +87,7 @@ def test_write_comparison_writes_tables_and_plots(workdirs, tmp_path):
   markdown = open(paths[0]).read()
   assert "| finetune (a) | no_reindex | task_aware | 2 | 50.00 |" in markdown
   assert "compare_curves.png" in markdown
-  for png in paths[2:]:
+  for png in paths[2:4]:
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.listdir(out)) == sorted(compare.OUTPUT_NAMES)  # no temporary files left
@@ -124,5 +125,30 @@ def test_the_command_writes_the_comparison(workdirs, tmp_path):
   assert os.path.isfile(tmp_path / "out" / "compare.md") and "wrote:" in proc.stdout
 
 
-def test_scopes_are_read_from_the_keys_report_writes():
-  assert compare.SCOPES == report.RESULT_KEYS
+def test_replicates_differing_only_in_seed_and_task_order_are_averaged_with_their_spread(tmp_path):
+  values = {0: 30.0, 1: 36.0, 2: 33.0}
+  paths = []
+  for seed, v in values.items():
+    results = _results("finetune", {"reindex": [[50], [v, 60]], "no_reindex": [[50], [v - 10, 60]]})
+    results["config"].update(seed=seed, data={"source": "scenes", "scenes": {"seed": seed}, "task_order": [seed]})
+    results["zero_shot"] = {"mean_r1": [10.0 + seed, 20.0]}
+    paths.append(str(tmp_path / f"finetune_seed={seed}"))
+    files.atomic_write_json(os.path.join(paths[-1], "results.json"), results)
+  other = _results("ewc", BASE)  # another strategy: its own group
+  paths.append(str(tmp_path / "ewc"))
+  files.atomic_write_json(os.path.join(paths[-1], "results.json"), other)
+  runs = compare.load_runs(paths)
+  rows = compare.aggregate_rows(runs, compare.comparison_rows(runs))
+  assert [(r["group"], r["policy"], r["n"]) for r in rows] == [
+      ("finetune", "reindex", 3), ("finetune", "no_reindex", 3), ("ewc", "reindex", 1), ("ewc", "no_reindex", 1)]
+  finals = np.array([(v + 7 + 60 + 7) / 2 for v in values.values()])  # mean_r1 is metric 7: + 7
+  assert rows[0]["mean_r1"] == pytest.approx(finals.mean())
+  assert rows[0]["mean_r1_std"] == pytest.approx(finals.std(ddof=1))
+  assert rows[1]["mean_r1"] == pytest.approx(finals.mean() - 5)
+  assert rows[0]["zero_shot_mean_r1"] == pytest.approx(np.mean([(10 + s + 20) / 2 for s in values]))
+  assert rows[2]["mean_r1_std"] == 0.0 and rows[2]["zero_shot_mean_r1"] is None
+  written = compare.write_comparison(runs, str(tmp_path / "out"))
+  table = open(written[4]).read()
+  assert f"| finetune | reindex | task_aware | 3 | " in table and f"{finals.mean():.2f} ± {finals.std(ddof=1):.2f}" in table
+  with open(written[5]) as f:
+    assert next(csv.DictReader(f))["mean_r1_std"] == str(rows[0]["mean_r1_std"])

@@ -39,18 +39,40 @@ def test_the_run_writes_every_stage_output(finished_run):
   assert json.load(open(os.path.join(workdir, "results.json"))) == json.loads(json.dumps(results))
 
 
-def test_exported_embeddings_recompute_the_reported_recall(finished_run):
+def _plain_recall(gallery: dict, queries: dict, k: int) -> dict:
+  """i2t and t2i recall@{1,5,10} with numpy alone, from README's description of the exported arrays."""
+  out = {}
+  pairs = {(int(i), int(t)) for i, t in zip(gallery["caption_image"], gallery["caption_text_ids"])}
+  for direction, (query, item) in {"i2t": ("images", "captions"), "t2i": ("captions", "images")}.items():
+    scores = queries[query] @ gallery[item].T
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    if direction == "i2t":  # a caption is right when its text is one of the query image's captions
+      hits = [[(q, int(gallery["caption_text_ids"][r])) in pairs for r in row] for q, row in enumerate(ranked)]
+    else:  # an image is right when one of its captions has the query caption's text
+      hits = [[(int(r), int(gallery["caption_text_ids"][q])) in pairs for r in row] for q, row in enumerate(ranked)]
+    hits = np.asarray(hits)
+    out.update({f"{direction}_r{n}": 100.0 * hits[:, :n].any(axis=1).mean() for n in (1, 5, 10)})
+  return out
+
+
+def test_exported_embeddings_recompute_every_reported_cell(finished_run):
   workdir, results = finished_run
-  from ccmr_jax import evaluate, index
-  for policy, snapshot in (("reindex", 1), ("no_reindex", 0)):
-    gallery = files.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", "task_00.npz"))
-    queries = files.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
-    truth = evaluate.GroundTruth.from_links(gallery["caption_image"], gallery["caption_text_ids"])
-    i2t = index.exact_top_k(gallery["captions"], queries["images"], 10)
-    t2i = index.exact_top_k(gallery["images"], queries["captions"], 10)
-    recomputed = evaluate.retrieval_metrics(i2t, t2i, truth, (1, 5, 10))
-    for metric in ("i2t_r1", "i2t_r10", "t2i_r5", "rsum"):
-      assert recomputed[metric] == pytest.approx(results["policies"][policy][metric]["matrix"][1][0], abs=1e-3)
+  stored = {}
+  for snapshot in (0, 1):
+    for task in range(snapshot + 1):
+      arrays = files.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz"))
+      assert (arrays["images"].dtype, arrays["captions"].dtype) == (np.float32, np.float32)
+      assert (arrays["image_ids"].dtype, arrays["caption_image"].dtype) == (np.int64, np.int64)
+      assert arrays["caption_text_ids"].dtype == np.int32
+      for part in ("images", "captions"):
+        np.testing.assert_allclose(np.linalg.norm(arrays[part], axis=1), 1.0, atol=1e-5)
+      stored[snapshot, task] = arrays
+  for policy, gallery_snapshot in (("reindex", lambda t, k: t), ("no_reindex", lambda t, k: k)):
+    for t in (0, 1):
+      for k in range(t + 1):
+        recomputed = _plain_recall(stored[gallery_snapshot(t, k), k], stored[t, k], 10)
+        for metric, value in recomputed.items():
+          assert value == pytest.approx(results["policies"][policy][metric]["matrix"][t][k], abs=1e-3), (policy, t, k)
 
 
 def test_results_hold_both_policies_and_scopes_from_one_run(finished_run):
@@ -199,7 +221,9 @@ def test_a_diverged_loss_names_the_step_and_keeps_only_finite_checkpoints(tmp_pa
     experiment.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "snapshots", "task_00"))
   progress = os.path.join(workdir, "progress", "task_00")
-  for name in os.listdir(progress) if os.path.isdir(progress) else ():
+  kept = [name for name in os.listdir(progress) if name.startswith("step_")]
+  assert kept, "the step before the divergence (warmup: lr 0 at step 1) must have been checkpointed"
+  for name in kept:
     state = ocp.StandardCheckpointer().restore(os.path.join(progress, name))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
 

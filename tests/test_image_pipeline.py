@@ -133,7 +133,7 @@ class _PixelEmbedder(nn.Module):
 
 def test_embedder_reads_lazy_images_batch_by_batch_with_the_same_result(devices):
   model = _PixelEmbedder()
-  embed_images, _ = evaluate.make_embedder(model, sharding.make_mesh(), batch_size=8)
+  embed_images = evaluate.make_embedders(model, sharding.make_mesh(), batch_size=8).images
   lazy = images.CachedImages(_store(n=13), np.arange(13), SIZE)
   from_lazy = embed_images({}, lazy)
   np.testing.assert_array_equal(from_lazy, embed_images({}, np.asarray(lazy)))

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ccmr_jax.models import resnet
+from ccmr_jax.models import resnet, weights
 from ccmr_jax.models.dual_encoder import build_model
 
 TINY = dict(stage_sizes=(1, 1), width=4, groups=2)
@@ -45,30 +45,30 @@ def test_weights_round_trip_through_the_npz_format(tmp_path):
   tower = resnet.ResNetTower(**TINY)
   source, target = _init(tower, seed=1), _init(tower, seed=2)
   path = str(tmp_path / "tower.npz")
-  resnet.save_weights(path, source)
+  weights.save_weights(path, source)
   assert "stem_conv/kernel" in np.load(path).files
-  loaded = resnet.load_weights(target, path)
+  loaded = weights.load_weights(target, path)
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, source))
   np.testing.assert_array_equal(tower.apply({"params": loaded}, IMAGES), tower.apply({"params": source}, IMAGES))
 
 
 def test_mismatched_weights_name_every_problem(tmp_path):
   params = _init(resnet.ResNetTower(**TINY))
-  flat = resnet.flatten_weights(params)
+  flat = weights.flatten_weights(params)
   flat.pop("stem_norm/bias")
   flat["stem_conv/kernel"] = np.zeros((3, 3, 3, 4), np.float32)
   flat["fc/kernel"] = np.zeros((32, 10), np.float32)
   np.savez(tmp_path / "bad.npz", **flat)
   with pytest.raises(ValueError) as raised:
-    resnet.load_weights(params, str(tmp_path / "bad.npz"))
+    weights.load_weights(params, str(tmp_path / "bad.npz"))
   message = str(raised.value)
   assert "3 problems" in message and "missing stem_norm/bias" in message and "unexpected fc/kernel" in message
-  assert "stem_conv/kernel: file (3, 3, 3, 4), tower (7, 7, 3, 4)" in message
+  assert "stem_conv/kernel: file (3, 3, 3, 4), params (7, 7, 3, 4)" in message
   with pytest.raises(FileNotFoundError):
-    resnet.load_weights(params, str(tmp_path / "absent.npz"))
+    weights.load_weights(params, str(tmp_path / "absent.npz"))
   (tmp_path / "text.npz").write_text("not an archive")
   with pytest.raises(ValueError, match="not an .npz"):
-    resnet.load_weights(params, str(tmp_path / "text.npz"))
+    weights.load_weights(params, str(tmp_path / "text.npz"))
 
 
 def test_image_tower_weights_load_into_the_dual_encoder(tmp_path):
@@ -79,7 +79,7 @@ def test_image_tower_weights_load_into_the_dual_encoder(tmp_path):
   shapes = jax.eval_shape(model.init, jax.random.key(0), IMAGES, np.zeros((2, 4), np.int32))
   variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
   pretrained = _init(resnet.ResNetTower(**TINY), seed=5)
-  resnet.save_weights(str(tmp_path / "tower.npz"), pretrained)
+  weights.save_weights(str(tmp_path / "tower.npz"), pretrained)
   loaded = resnet.load_image_tower_weights(variables, str(tmp_path / "tower.npz"))
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["image_tower"], jax.tree.map(np.asarray, pretrained))
   assert loaded["params"]["text_tower"] is variables["params"]["text_tower"]
@@ -90,7 +90,7 @@ def _torchvision_state_dict(params):
   rng = np.random.default_rng(0)
   names = {"stem_conv": "conv1", "stem_norm": "bn1"}
   state = {}
-  for key, value in resnet.flatten_weights(params).items():
+  for key, value in weights.flatten_weights(params).items():
     module, leaf = key.rsplit("/", 1)
     parts = module.split("/")
     if parts[0].startswith("stage"):
@@ -119,7 +119,7 @@ def test_torchvision_batch_norm_folds_into_the_affine_tower(tmp_path):
   state = _torchvision_state_dict(params)
   flat = resnet.from_torchvision(state, TINY["stage_sizes"])
   np.savez(tmp_path / "converted.npz", **flat)
-  loaded = resnet.load_weights(params, str(tmp_path / "converted.npz"))  # every key and shape fits
+  loaded = weights.load_weights(params, str(tmp_path / "converted.npz"))  # every key and shape fits
   gamma, beta = state["layer2.0.bn2.weight"], state["layer2.0.bn2.bias"]
   mean, var = state["layer2.0.bn2.running_mean"], state["layer2.0.bn2.running_var"]
   x = np.random.default_rng(1).normal(size=(5, len(gamma))).astype(np.float32)

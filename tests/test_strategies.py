@@ -1,5 +1,10 @@
 """Strategy names → regularizers, importance estimates, replay and distillation switches."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import ml_collections
 import numpy as np
@@ -7,13 +12,20 @@ import optax
 import pytest
 
 from ccmr_jax.continual import EWCState, L2AnchorState, MASState, OnlineEWCState, SIState, penalty
+from ccmr_jax import defaults
+from ccmr_jax.continual.distillation import SIMILARITY_PARTS
+from ccmr_jax.continual.regularizers import regularizer_specs
+from ccmr_jax.continual.replay import SELECTIONS
 from ccmr_jax.continual.strategies import (
+    REGULARIZER_COMPONENTS,
     STRATEGY_COMPONENTS,
     Strategy,
     check_continual_config,
     continual_defaults,
     parse_strategy,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_with(**continual_overrides):
@@ -84,12 +96,51 @@ def test_regularizers_are_built_from_the_config_with_si_first():
 
 
 def test_defaults_are_valid_and_every_field_is_documented():
-  defaults = continual_defaults()
-  check_continual_config(defaults)
+  assert continual_defaults is defaults.continual_defaults  # the re-export
+  defaults_ = continual_defaults()
+  check_continual_config(defaults_)
   doc = continual_defaults.__doc__
-  for section, fields in defaults.items():
+  for section, fields in defaults_.items():
     for field in fields:
       assert f"{section}.{field}" in doc
+
+
+def test_every_regularizer_spec_has_its_defaults_section():
+  defaults_ = continual_defaults()
+  for spec in regularizer_specs():
+    assert spec.name in defaults_, (f"regularizer {spec.name!r} has no section in "
+                                    f"ccmr_jax.defaults.continual_defaults(); add continual.{spec.name}")
+    for field, ok, requirement in spec.hyperparameters:
+      assert field in defaults_[spec.name], f"continual_defaults() has no field {spec.name}.{field}"
+      assert ok(defaults_[spec.name][field]), f"default {spec.name}.{field} is not {requirement}"
+
+
+def test_default_literals_name_real_parts_and_selections():
+  defaults_ = continual_defaults()
+  assert tuple(defaults_.lwf.parts) == SIMILARITY_PARTS  # distill every part by default
+  assert defaults_.replay.selection in SELECTIONS
+
+
+def test_components_and_chain_order_come_from_the_specs():
+  assert REGULARIZER_COMPONENTS == ("si", "l2", "ewc", "online_ewc", "mas")
+  assert STRATEGY_COMPONENTS == ("finetune", "joint", "si", "l2", "ewc", "online_ewc", "mas", "lwf", "replay")
+  strategy = parse_strategy("mas+replay+online_ewc+si+l2+ewc")
+  assert strategy.regularizer_components == ("si", "l2", "ewc", "online_ewc", "mas")
+  assert strategy.needs_importance == ("fisher", "mas")
+
+
+def test_loading_a_config_imports_no_jax_optax_or_data():
+  configs = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "configs"))
+                   if name.endswith(".py") and name != "__init__.py")
+  assert {"scenes", "tiny", "flickr", "coco"} <= set(configs)
+  code = textwrap.dedent(f"""
+      import importlib, sys
+      for name in {configs!r}:
+        importlib.import_module("configs." + name).get_config()
+      print(sorted(m for m in sys.modules if m in ("jax", "optax") or m.startswith("ccmr_jax.data")))
+  """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -131,12 +182,21 @@ def test_consolidate_gives_each_regularizer_its_own_importance_and_penalties_add
   l2_state, ewc_state, mas_state = state
   for got, want in ((ewc_state.fisher_sum, fisher), (mas_state.importance, omega), (l2_state.anchor, anchor)):
     jax.tree.map(np.testing.assert_allclose, jax.tree.map(np.asarray, got), want)
-  # The chain adds the gradient of the sum of the three penalties to the loss gradient.
+  # Each penalty by hand (float64): s/2 sum w (theta - theta*)^2 with w = 1 (l2, default 0.1),
+  # the Fisher (ewc, 3.0) and Omega (mas, 2.0), all anchored at `anchor`.
+  wide = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+  diff = {k: wide(now)[k] - wide(anchor)[k] for k in now}
+  weights = {"l2": (0.1, {k: np.ones_like(d) for k, d in diff.items()}), "ewc": (3.0, wide(fisher)),
+             "mas": (2.0, wide(omega))}
+  by_hand = {name: s / 2 * sum(np.sum(w[k] * diff[k]**2) for k in diff) for name, (s, w) in weights.items()}
+  for name, reg_state in zip(("l2", "ewc", "mas"), state):
+    assert float(penalty(reg_state, now)) == pytest.approx(by_hand[name], rel=1e-5), name
+  assert float(penalty(state, now)) == pytest.approx(sum(by_hand.values()), rel=1e-5)
+  # The chain adds the gradient of the sum, sum_r s_r w_r (theta - theta*), to the loss gradient.
   updates, _ = jax.jit(optimizer.update)(grads, state, now)
-  penalty_grad = jax.jit(jax.grad(lambda p: penalty(state, p)))(now)
-  per_regularizer = sum(float(penalty(s, now)) for s in state)
-  assert float(penalty(state, now)) == pytest.approx(per_regularizer, rel=1e-6)
-  jax.tree.map(lambda u, g, pg: np.testing.assert_allclose(u, g + pg, rtol=1e-5), updates, grads, penalty_grad)
+  for k in now:
+    pull = sum(s * w[k] * diff[k] for s, w in weights.values())
+    np.testing.assert_allclose(updates[k], grads[k] + pull, rtol=1e-5)
 
 
 def test_consolidate_checks_importances_and_tolerates_strategies_without_regularizers():

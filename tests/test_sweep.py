@@ -6,11 +6,11 @@ import os
 import pytest
 from absl import flags
 
-from ccmr_jax import evaluate, experiment, report, sweep
+from ccmr_jax import experiment, metrics, policies, report, sweep
 from ccmr_jax.continual.strategies import continual_defaults
 from configs import tiny
 
-METRICS = evaluate.metric_names((1, 5, 10))
+METRICS = metrics.metric_names((1, 5, 10))
 CONFIG_FILE = """
 from ccmr_jax.continual.strategies import continual_defaults
 from configs import tiny
@@ -36,8 +36,8 @@ def stub_runs(monkeypatch):
 
   def fake_run(config, workdir):
     calls.append((config, workdir))
-    evaluation = {scope: {policy: {"0": {m: 50.0 for m in METRICS}} for policy in evaluate.POLICIES}
-                  for scope in evaluate.SCOPES}
+    evaluation = {scope: {policy: {"0": {m: 50.0 for m in METRICS}} for policy in policies.POLICY_NAMES}
+                  for scope in metrics.SCOPES}
     run_info = {"config": json.loads(config.to_json()), "tasks": [{"index": 0, "name": "t0", "categories": [],
                                                                     "counts": {}}]}
     os.makedirs(workdir, exist_ok=True)
@@ -104,6 +104,17 @@ def test_run_config_sets_strategy_swept_field_and_eval_split_on_a_copy():
   assert base.train.strategy == "finetune" and base.eval.split == "test"
   with pytest.raises(ValueError, match="continual.ewc.strength must be a positive number"):
     sweep.run_config(base, sweep.PlannedRun("ewc", "ewc", (("ewc.strength", -1.0),)), None)
+
+
+def test_seeds_replicate_every_run_and_set_both_seeds():
+  names = [r.name for r in sweep.plan_runs(["finetune", "ewc"], [], seeds=[0, 2])]
+  assert names == ["finetune_seed=0", "finetune_seed=2", "ewc_seed=0", "ewc_seed=2"]
+  planned = sweep.plan_runs(["finetune"], [], seeds=[7])[0]
+  config = sweep.run_config(base_config(), planned)
+  assert (config.seed, config.data.scenes.seed) == (7, 7)
+  assert sweep.run_config(base_config(), sweep.plan_runs(["finetune"], [])[0]).seed == base_config().seed
+  with pytest.raises(ValueError, match="distinct whole numbers"):
+    sweep.plan_runs(["finetune"], [], seeds=[1, 1])
 
 
 def test_run_sweep_runs_each_planned_run_once_and_compares_them(tmp_path, stub_runs):

@@ -28,12 +28,19 @@ parameters), so states can be jitted, sharded with ``optax.tree_map_params``
 and checkpointed with Orbax. The configuration needed at consolidation time
 (strength, EWC decay, SI damping) is mirrored into the state as scalar arrays
 and refreshed at every update.
+
+Each regularizer is described by one :class:`RegularizerSpec`, registered
+right below its transform: its state type, how it consolidates, its penalty,
+the importance it needs, and how to build it from a config section. The walk
+over optimizer states (:func:`map_regularizer_states`) and the strategies of
+the experiment read everything from the specs (:func:`regularizer_specs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,136 +54,29 @@ __all__ = [
     "SIState",
     "l2_anchor",
     "ewc",
+    "online_ewc",
     "mas",
     "si",
     "consolidate",
     "penalty",
     "regularizer_states",
     "transfer_regularizer_states",
+    "map_regularizer_states",
+    "RegularizerSpec",
+    "regularizer_specs",
+    "IMPORTANCES",
 ]
 
 PyTree = Any
 _MaskedNode = optax.MaskedNode
 
 # --------------------------------------------------------------------------
-# State types
+# Small helpers
 # --------------------------------------------------------------------------
-
-
-class L2AnchorState(NamedTuple):
-  """State of :func:`l2_anchor`.
-
-    Attributes:
-      num_tasks: int32 scalar, number of consolidations so far (0 = inactive).
-      strength: float32 scalar, the penalty strength.
-      anchor: parameters at the last consolidation (``theta*``).
-    """
-
-  num_tasks: jax.Array
-  strength: jax.Array
-  anchor: PyTree
-
-
-class EWCState(NamedTuple):
-  """State of :func:`ewc` with ``mode='separate'``.
-
-    Instead of one (Fisher, anchor) pair per past task, only the sufficient
-    statistics of the sum of the per-task quadratics are stored.
-
-    Attributes:
-      num_tasks: int32 scalar, number of consolidations so far.
-      strength: float32 scalar, the penalty strength.
-      fisher_sum: ``sum_k F_k`` (pytree like the parameters).
-      fisher_anchor_sum: ``sum_k F_k * theta*_k`` (pytree like the parameters).
-      residual: float32 scalar, the part of ``sum_k sum_i F_k (theta - theta*_k)^2``
-        that does not depend on ``theta`` once the quadratic is written around
-        its minimiser (only used to report the penalty value; see :func:`ewc`).
-    """
-
-  num_tasks: jax.Array
-  strength: jax.Array
-  fisher_sum: PyTree
-  fisher_anchor_sum: PyTree
-  residual: jax.Array
-
-
-class OnlineEWCState(NamedTuple):
-  """State of :func:`ewc` with ``mode='online'``.
-
-    Attributes:
-      num_tasks: int32 scalar, number of consolidations so far.
-      strength: float32 scalar, the penalty strength.
-      decay: float32 scalar, the Fisher decay ``gamma``.
-      fisher: the running Fisher ``F`` (pytree like the parameters).
-      anchor: parameters at the last consolidation (``theta*``).
-    """
-
-  num_tasks: jax.Array
-  strength: jax.Array
-  decay: jax.Array
-  fisher: PyTree
-  anchor: PyTree
-
-
-class MASState(NamedTuple):
-  """State of :func:`mas`.
-
-    Attributes:
-      num_tasks: int32 scalar, number of consolidations so far.
-      strength: float32 scalar, the penalty strength.
-      importance: accumulated importance ``Omega`` (pytree like the parameters).
-      anchor: parameters at the last consolidation (``theta*``).
-    """
-
-  num_tasks: jax.Array
-  strength: jax.Array
-  importance: PyTree
-  anchor: PyTree
-
-
-class SIState(NamedTuple):
-  """State of :func:`si` (Synaptic Intelligence).
-
-    Attributes:
-      num_tasks: int32 scalar, number of consolidations so far.
-      strength: float32 scalar, the penalty strength ``c``.
-      damping: float32 scalar, the damping ``xi``.
-      importance: consolidated importance ``Omega`` (pytree like the params).
-      anchor: parameters at the last consolidation; before the first one, the
-        parameters given to ``init``. It is both the penalty anchor ``theta*``
-        and the start point ``theta_start`` of the current task's path.
-      path_integral: running ``omega`` of the current task.
-      prev_params: parameters seen by the previous ``update`` call.
-      prev_grads: loss gradient received by the previous ``update`` call.
-      has_prev: bool scalar, whether ``prev_params``/``prev_grads`` hold a step
-        whose parameter change has not yet been added to ``path_integral``.
-    """
-
-  num_tasks: jax.Array
-  strength: jax.Array
-  damping: jax.Array
-  importance: PyTree
-  anchor: PyTree
-  path_integral: PyTree
-  prev_params: PyTree
-  prev_grads: PyTree
-  has_prev: jax.Array
-
-
-_STATE_TYPES = (L2AnchorState, EWCState, OnlineEWCState, MASState, SIState)
-
-
-def _is_reg_state(x: Any) -> bool:
-  return isinstance(x, _STATE_TYPES)
 
 
 def _is_masked_node(x: Any) -> bool:
   return isinstance(x, _MaskedNode)
-
-
-# --------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------
 
 
 def _check_concrete(name: str, value: Any, ok: Callable[[float], bool], msg: str) -> None:
@@ -198,8 +98,17 @@ def _check_strength(strength: Any) -> None:
   )
 
 
+def _check_decay(decay: Any) -> None:
+  _check_concrete("ewc decay", decay, lambda v: 0.0 < v <= 1.0, "must satisfy 0 < decay <= 1")
+
+
 def _scalar(x: Any) -> jax.Array:
   return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _mirror(hyperparameters: Mapping[str, Any]) -> dict:
+  """The hyperparameters as the float32 scalars mirrored into a state."""
+  return {name: _scalar(value) for name, value in hyperparameters.items()}
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -232,6 +141,21 @@ def _require_params(params: Any, name: str) -> None:
     raise ValueError(f"{name}: `update` needs the current parameters. Call "
                      "`optimizer.update(grads, opt_state, params)`, not "
                      "`optimizer.update(grads, opt_state)`.")
+
+
+# What each importance is, and where it comes from (``importance.py``).
+_IMPORTANCE_SOURCES = {
+    "fisher": ("the new task's diagonal Fisher", "fisher_diagonal()"),
+    "mas": ("the new task's Omega", "mas_importance()"),
+}
+IMPORTANCES = tuple(_IMPORTANCE_SOURCES)
+
+
+def _require_importance(importance: Any, name: str, kind: str) -> None:
+  if importance is None:
+    what, source = _IMPORTANCE_SOURCES[kind]
+    raise ValueError(f"{name}: consolidate() needs `importance` ({what}, a pytree like params), "
+                     f"e.g. from {source}.")
 
 
 def _add_grad(updates: PyTree, reg_grad: PyTree, active: jax.Array) -> PyTree:
@@ -272,317 +196,192 @@ def _like_state(template: PyTree, tree: PyTree, what: str, reg: str) -> PyTree:
                      f"masking is applied automatically). Original error: {err}") from err
 
 
-# --------------------------------------------------------------------------
-# L2 anchor
-# --------------------------------------------------------------------------
+def _pull(strength: jax.Array, weights: PyTree | None, params: PyTree, anchor: PyTree) -> PyTree:
+  """``strength * w * (theta - theta*)``, the gradient of ``strength/2 * sum w (theta - theta*)^2``.
 
-
-def l2_anchor(strength: float) -> optax.GradientTransformationExtraArgs:
-  r"""Quadratic pull towards the parameters of the last consolidation.
-
-    Penalty::
-
-        P(theta) = strength / 2 * sum_i (theta_i - theta*_i)^2
-
-    where ``theta*`` are the parameters passed to the most recent
-    :func:`consolidate`. ``P = 0`` before the first consolidation. The
-    transform adds ``grad P = strength * (theta - theta*)`` to the updates.
-
-    Args:
-      strength: non-negative penalty strength.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is
-      :class:`L2AnchorState`. ``update`` requires ``params``.
-
-    Example::
-
-        opt = optax.chain(l2_anchor(1.0), optax.sgd(1e-2))
-        state = opt.init(params)
-        ...                                  # train task 1
-        state = consolidate(state, params)   # task boundary
-        ...                                  # train task 2, pulled to task-1 params
+    ``weights=None`` stands for ``w = 1`` (no tree of ones is built).
     """
-  _check_strength(strength)
-
-  def init_fn(params):
-    return L2AnchorState(
-        num_tasks=jnp.zeros((), jnp.int32),
-        strength=_scalar(strength),
-        anchor=_tree_copy(params),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _require_params(params, "l2_anchor")
-    s = _scalar(strength)
-    reg = jax.tree.map(lambda p, a: s * (_wide(p) - _wide(a)), params, state.anchor)
-    updates = _add_grad(updates, reg, state.num_tasks > 0)
-    return updates, state._replace(strength=s)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _l2_penalty(state: L2AnchorState, params: PyTree) -> jax.Array:
-  sq = jax.tree.map(lambda p, a: jnp.square(_wide(p) - _wide(a)), params, state.anchor)
-  val = 0.5 * state.strength * _tree_sum(sq)
-  return jnp.where(state.num_tasks > 0, val, 0.0)
-
-
-def _l2_consolidate(state: L2AnchorState, params: PyTree, importance: PyTree) -> L2AnchorState:
-  del importance
-  p = _like_state(state.anchor, params, "params", "l2_anchor")
-  return state._replace(num_tasks=state.num_tasks + 1, anchor=p)
-
-
-# --------------------------------------------------------------------------
-# EWC
-# --------------------------------------------------------------------------
-
-
-def ewc(strength: float, mode: str = "separate", decay: float = 1.0) -> optax.GradientTransformationExtraArgs:
-  r"""Elastic Weight Consolidation with a diagonal Fisher.
-
-    ``mode='separate'`` (Kirkpatrick et al. 2017, one penalty per past task)::
-
-        P(theta) = strength / 2 * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
-
-    where ``F_k`` is the importance passed to the k-th :func:`consolidate` and
-    ``theta*_k`` the parameters at that call. The per-task anchors are *not*
-    stored. Since ``grad P = strength * sum_k F_k (theta - theta*_k) =
-    strength * (A theta - b)`` with ``A = sum_k F_k`` and ``b = sum_k F_k
-    theta*_k``, the state keeps only ``A`` and ``b`` (two parameter-sized
-    trees, whatever the number of tasks). For the penalty *value* the quadratic
-    is rewritten around its minimiser ``m = b / A``::
-
-        P(theta) = strength / 2 * ( sum_i A_i (theta_i - m_i)^2 + R )
-
-    with the scalar ``R = sum_k sum_i F_k,i theta*_k,i^2 - sum_i A_i m_i^2 >= 0``,
-    updated at each consolidation with the numerically stable pooled form
-    ``R += sum_i A_old F_new / (A_old + F_new) * (m_old - theta*_new)^2``.
-
-    ``mode='online'`` (online EWC, Schwarz et al. 2018, "Progress & Compress")::
-
-        F <- decay * F + F_new,   theta* <- current params
-        P(theta) = strength / 2 * sum_i F_i (theta_i - theta*_i)^2
-
-    ``P = 0`` before the first consolidation in both modes. The transform adds
-    ``grad P`` to the updates.
-
-    Args:
-      strength: non-negative penalty strength (``lambda``).
-      mode: ``'separate'`` or ``'online'``.
-      decay: Fisher decay ``gamma`` of online EWC, ``0 < decay <= 1``. Ignored
-        (but still validated) in ``'separate'`` mode.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is
-      :class:`EWCState` (separate) or :class:`OnlineEWCState` (online).
-      ``update`` requires ``params``; :func:`consolidate` requires
-      ``importance`` (e.g. from ``fisher_diagonal``), non-negative, shaped like
-      the parameters.
-
-    Example::
-
-        opt = optax.chain(ewc(100.0, mode="online", decay=0.9), optax.adam(1e-3))
-        state = opt.init(params)
-        ...                                              # train task 1
-        fisher = fisher_diagonal(loss_fn, params, task1_batches)
-        state = consolidate(state, params, importance=fisher)
-    """
-  _check_strength(strength)
-  if mode not in ("separate", "online"):
-    raise ValueError(f"ewc: mode must be 'separate' or 'online', got {mode!r}.")
-  _check_concrete("ewc decay", decay, lambda v: 0.0 < v <= 1.0, "must satisfy 0 < decay <= 1")
-
-  if mode == "separate":
-
-    def init_fn(params):
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      return EWCState(
-          num_tasks=jnp.zeros((), jnp.int32),
-          strength=_scalar(strength),
-          fisher_sum=zeros,
-          fisher_anchor_sum=jax.tree.map(jnp.zeros_like, params),
-          residual=jnp.zeros((), jnp.float32),
-      )
-
-    def update_fn(updates, state, params=None, **extra_args):
-      del extra_args
-      _require_params(params, "ewc")
-      s = _scalar(strength)
-      reg = jax.tree.map(
-          lambda p, f, fa: s * (_wide(f) * _wide(p) - _wide(fa)),
-          params,
-          state.fisher_sum,
-          state.fisher_anchor_sum,
-      )
-      updates = _add_grad(updates, reg, state.num_tasks > 0)
-      return updates, state._replace(strength=s)
-
-  else:
-
-    def init_fn(params):
-      return OnlineEWCState(
-          num_tasks=jnp.zeros((), jnp.int32),
-          strength=_scalar(strength),
-          decay=_scalar(decay),
-          fisher=jax.tree.map(jnp.zeros_like, params),
-          anchor=_tree_copy(params),
-      )
-
-    def update_fn(updates, state, params=None, **extra_args):
-      del extra_args
-      _require_params(params, "ewc")
-      s = _scalar(strength)
-      updates = _add_grad(updates, _weighted_pull(s, state.fisher, params, state.anchor), state.num_tasks > 0)
-      return updates, state._replace(strength=s, decay=_scalar(decay))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _ewc_penalty(state: EWCState, params: PyTree) -> jax.Array:
-
-  def term(p, f, fa):
-    f, fa = _wide(f), _wide(fa)
-    m = _safe_div(fa, f)
-    return f * jnp.square(_wide(p) - m)
-
-  sq = jax.tree.map(term, params, state.fisher_sum, state.fisher_anchor_sum)
-  val = 0.5 * state.strength * (_tree_sum(sq) + state.residual)
-  return jnp.where(state.num_tasks > 0, val, 0.0)
-
-
-def _ewc_consolidate(state: EWCState, params: PyTree, importance: PyTree) -> EWCState:
-  if importance is None:
-    raise ValueError("ewc: consolidate() needs `importance` (the new task's diagonal "
-                     "Fisher, a pytree like params), e.g. from fisher_diagonal().")
-  p = _like_state(state.fisher_sum, params, "params", "ewc")
-  f_new = _like_state(state.fisher_sum, importance, "importance", "ewc")
-
-  def pooled(f_old, fa_old, fn, a):
-    f_old, fa_old, fn, a = _wide(f_old), _wide(fa_old), _wide(fn), _wide(a)
-    m_old = _safe_div(fa_old, f_old)
-    return _safe_div(f_old * fn, f_old + fn) * jnp.square(m_old - a)
-
-  extra = _tree_sum(jax.tree.map(pooled, state.fisher_sum, state.fisher_anchor_sum, f_new, p))
-  fisher_sum = jax.tree.map(lambda f, fn: (_wide(f) + _wide(fn)).astype(f.dtype), state.fisher_sum, f_new)
-  fisher_anchor_sum = jax.tree.map(
-      lambda fa, fn, a: (_wide(fa) + _wide(fn) * _wide(a)).astype(fa.dtype),
-      state.fisher_anchor_sum,
-      f_new,
-      p,
-  )
-  return state._replace(
-      num_tasks=state.num_tasks + 1,
-      fisher_sum=fisher_sum,
-      fisher_anchor_sum=fisher_anchor_sum,
-      residual=(state.residual + extra).astype(state.residual.dtype),
-  )
-
-
-def _weighted_pull(strength: jax.Array, weights: PyTree, params: PyTree, anchor: PyTree) -> PyTree:
-  """``strength * w * (theta - theta*)``: the gradient of :func:`_weighted_anchor_penalty`."""
+  if weights is None:
+    return jax.tree.map(lambda p, a: strength * (_wide(p) - _wide(a)), params, anchor)
   return jax.tree.map(lambda p, w, a: strength * _wide(w) * (_wide(p) - _wide(a)), params, weights, anchor)
 
 
-def _weighted_anchor_penalty(params: PyTree, weights: PyTree, anchor: PyTree, strength: jax.Array,
-                             num_tasks: jax.Array) -> jax.Array:
-  """``strength / 2 * sum_i w_i (theta_i - theta*_i)^2``, zero before the first consolidation."""
-  sq = jax.tree.map(lambda p, w, a: _wide(w) * jnp.square(_wide(p) - _wide(a)), params, weights, anchor)
-  return jnp.where(num_tasks > 0, 0.5 * strength * _tree_sum(sq), 0.0)
-
-
-def _online_ewc_penalty(state: OnlineEWCState, params: PyTree) -> jax.Array:
-  return _weighted_anchor_penalty(params, state.fisher, state.anchor, state.strength, state.num_tasks)
-
-
-def _online_ewc_consolidate(state: OnlineEWCState, params: PyTree, importance: PyTree) -> OnlineEWCState:
-  if importance is None:
-    raise ValueError("ewc (online): consolidate() needs `importance` (the new task's "
-                     "diagonal Fisher, a pytree like params), e.g. from fisher_diagonal().")
-  p = _like_state(state.anchor, params, "params", "ewc")
-  f_new = _like_state(state.fisher, importance, "importance", "ewc")
-  fisher = jax.tree.map(
-      lambda f, fn: (state.decay * _wide(f) + _wide(fn)).astype(f.dtype),
-      state.fisher,
-      f_new,
-  )
-  return state._replace(num_tasks=state.num_tasks + 1, fisher=fisher, anchor=p)
+def _quadratic(weights: PyTree | None, params: PyTree, anchor: PyTree) -> jax.Array:
+  """``sum_i w_i (theta_i - theta*_i)^2`` (``weights=None``: ``w = 1``)."""
+  if weights is None:
+    sq = jax.tree.map(lambda p, a: jnp.square(_wide(p) - _wide(a)), params, anchor)
+  else:
+    sq = jax.tree.map(lambda p, w, a: _wide(w) * jnp.square(_wide(p) - _wide(a)), params, weights, anchor)
+  return _tree_sum(sq)
 
 
 # --------------------------------------------------------------------------
-# MAS
+# One record per regularizer
 # --------------------------------------------------------------------------
 
+# A hyperparameter a regularizer reads from its config section: (field, test of
+# a value, the requirement in words, for the error message).
+Hyperparameter = tuple[str, Callable[[float], bool], str]
 
-def mas(strength: float) -> optax.GradientTransformationExtraArgs:
-  r"""Memory Aware Synapses (Aljundi et al. 2018).
 
-    Penalty::
+def _positive(field: str) -> Hyperparameter:
+  return (field, lambda v: v > 0, "a positive number")
 
-        P(theta) = strength / 2 * sum_i Omega_i (theta_i - theta*_i)^2
 
-    ``theta*`` are the parameters at the last :func:`consolidate` and ``Omega``
-    is the *running sum* of the per-task importances passed to it,
-    ``Omega <- Omega + Omega_new`` (the importances of all past tasks are
-    accumulated; a running mean would only rescale ``strength`` by the number
-    of tasks). ``P = 0`` before the first consolidation. The transform adds
-    ``grad P = strength * Omega * (theta - theta*)`` to the updates.
+@dataclasses.dataclass(frozen=True)
+class RegularizerSpec:
+  """Everything the code outside a regularizer's transform needs to know about it.
 
-    Args:
-      strength: non-negative penalty strength (``lambda``).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is
-      :class:`MASState`. ``update`` requires ``params``; :func:`consolidate`
-      requires ``importance`` (e.g. from ``mas_importance``).
-
-    Example::
-
-        opt = optax.chain(mas(1.0), optax.adam(1e-3))
-        state = opt.init(params)
-        ...                                               # train task 1
-        omega = mas_importance(embed_fn, params, task1_batches)
-        state = consolidate(state, params, importance=omega)
+    Attributes:
+      name: its strategy component and its ``config.continual`` section (``"online_ewc"``).
+      transform: the function that builds it (``"online_ewc"``), for messages.
+      state_type: the NamedTuple of its state; a state is recognised by its exact type.
+      template_field: a field of the state shaped like the (masked) parameters.
+      consolidate: ``(state, params, importance) -> state`` at a task boundary;
+        ``params``/``importance`` are full trees.
+      penalty: ``(state, params) -> scalar`` with ``params`` already restricted
+        to the state's (masked) structure.
+      importance: the importance :func:`consolidate` must receive, one of
+        :data:`IMPORTANCES`, or None when it needs none.
+      build: ``section -> transform``, from the mapping of its hyperparameters.
+      chain_position: rank in the chain when several regularizers are combined.
+      hyperparameters: ``(field, ok, requirement)`` of each field ``build`` reads.
     """
-  _check_strength(strength)
 
-  def init_fn(params):
-    return MASState(
-        num_tasks=jnp.zeros((), jnp.int32),
-        strength=_scalar(strength),
-        importance=jax.tree.map(jnp.zeros_like, params),
-        anchor=_tree_copy(params),
-    )
+  name: str
+  transform: str
+  state_type: type
+  template_field: str
+  consolidate: Callable[[Any, PyTree, PyTree], Any]
+  penalty: Callable[[Any, PyTree], jax.Array]
+  importance: str | None
+  build: Callable[[Mapping[str, Any]], optax.GradientTransformationExtraArgs]
+  chain_position: int
+  hyperparameters: tuple[Hyperparameter, ...] = ()
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _require_params(params, "mas")
-    s = _scalar(strength)
-    updates = _add_grad(updates, _weighted_pull(s, state.importance, params, state.anchor), state.num_tasks > 0)
-    return updates, state._replace(strength=s)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _mas_penalty(state: MASState, params: PyTree) -> jax.Array:
-  return _weighted_anchor_penalty(params, state.importance, state.anchor, state.strength, state.num_tasks)
+  def __post_init__(self):
+    if self.importance is not None and self.importance not in IMPORTANCES:
+      raise ValueError(f"{self.name}: importance must be None or one of {IMPORTANCES}, got {self.importance!r}")
+    if self.template_field not in self.state_type._fields:
+      raise ValueError(f"{self.name}: {self.state_type.__name__} has no field {self.template_field!r}")
 
 
-def _mas_consolidate(state: MASState, params: PyTree, importance: PyTree) -> MASState:
-  if importance is None:
-    raise ValueError("mas: consolidate() needs `importance` (the new task's Omega, a "
-                     "pytree like params), e.g. from mas_importance().")
-  p = _like_state(state.anchor, params, "params", "mas")
-  o_new = _like_state(state.importance, importance, "importance", "mas")
-  omega = jax.tree.map(lambda o, on: (_wide(o) + _wide(on)).astype(o.dtype), state.importance, o_new)
-  return state._replace(num_tasks=state.num_tasks + 1, importance=omega, anchor=p)
+_SPECS: dict[type, RegularizerSpec] = {}
+
+
+def _register(spec: RegularizerSpec) -> RegularizerSpec:
+  clash = [s for s in _SPECS.values() if s.name == spec.name or s.chain_position == spec.chain_position]
+  if spec.state_type in _SPECS or clash:
+    raise ValueError(f"regularizer {spec.name!r}: its state type, name or chain position is taken")
+  _SPECS[spec.state_type] = spec
+  return spec
+
+
+def regularizer_specs() -> tuple[RegularizerSpec, ...]:
+  """The specs of all regularizers, in chain order."""
+  return tuple(sorted(_SPECS.values(), key=lambda spec: spec.chain_position))
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightedAnchor:
+  """The math of ``l2_anchor``, ``online_ewc`` and ``mas``, which differ only in ``w``::
+
+        P(theta) = strength / 2 * sum_i w_i (theta_i - theta*_i)^2,
+        grad P   = strength * w * (theta - theta*),
+
+    ``theta*`` the parameters at the last consolidation, ``P = 0`` before the
+    first one. The state has the fields ``num_tasks``, ``strength``,
+    ``anchor``, the weights field and any other mirrored hyperparameter.
+
+    Attributes:
+      transform: the public function's name, for messages.
+      state_type: the state NamedTuple.
+      weights: the state field holding ``w``; None for ``w = 1``.
+      importance: the importance consolidation adds to ``w`` (None when ``weights`` is).
+      accumulate: ``(state, w_old, w_new) -> w``, on float32-or-wider leaves.
+    """
+
+  transform: str
+  state_type: type
+  weights: str | None = None
+  importance: str | None = None
+  accumulate: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
+
+  def _weights_of(self, state) -> PyTree | None:
+    return None if self.weights is None else getattr(state, self.weights)
+
+  def build(self, **hyperparameters) -> optax.GradientTransformationExtraArgs:
+    """The transform whose state mirrors ``hyperparameters`` (``strength`` and others)."""
+
+    def init_fn(params):
+      weights = {} if self.weights is None else {self.weights: jax.tree.map(jnp.zeros_like, params)}
+      return self.state_type(num_tasks=jnp.zeros((), jnp.int32), anchor=_tree_copy(params), **weights,
+                             **_mirror(hyperparameters))
+
+    def update_fn(updates, state, params=None, **extra_args):
+      del extra_args
+      _require_params(params, self.transform)
+      state = state._replace(**_mirror(hyperparameters))
+      reg = _pull(state.strength, self._weights_of(state), params, state.anchor)
+      return _add_grad(updates, reg, state.num_tasks > 0), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  def penalty(self, state, params: PyTree) -> jax.Array:
+    val = 0.5 * state.strength * _quadratic(self._weights_of(state), params, state.anchor)
+    return jnp.where(state.num_tasks > 0, val, 0.0)
+
+  def consolidate(self, state, params: PyTree, importance: PyTree):
+    """``theta* <- params`` and ``w <- accumulate(w, importance)``; one more task."""
+    if self.weights is not None:
+      _require_importance(importance, self.transform, self.importance)
+    new = {"num_tasks": state.num_tasks + 1, "anchor": _like_state(state.anchor, params, "params", self.transform)}
+    if self.weights is not None:
+      old = getattr(state, self.weights)
+      added = _like_state(old, importance, "importance", self.transform)
+      new[self.weights] = jax.tree.map(lambda w, a: self.accumulate(state, _wide(w), _wide(a)).astype(w.dtype),
+                                       old, added)
+    return state._replace(**new)
+
+  def spec(self, name: str, build, chain_position: int, hyperparameters) -> RegularizerSpec:
+    return RegularizerSpec(name=name, transform=self.transform, state_type=self.state_type,
+                           template_field="anchor", consolidate=self.consolidate, penalty=self.penalty,
+                           importance=self.importance, build=build, chain_position=chain_position,
+                           hyperparameters=hyperparameters)
 
 
 # --------------------------------------------------------------------------
 # Synaptic Intelligence
 # --------------------------------------------------------------------------
+
+
+class SIState(NamedTuple):
+  """State of :func:`si` (Synaptic Intelligence).
+
+    Attributes:
+      num_tasks: int32 scalar, number of consolidations so far (0 = inactive).
+      strength: float32 scalar, the penalty strength ``c``.
+      damping: float32 scalar, the damping ``xi``.
+      importance: consolidated importance ``Omega`` (pytree like the params).
+      anchor: parameters at the last consolidation; before the first one, the
+        parameters given to ``init``. It is both the penalty anchor ``theta*``
+        and the start point ``theta_start`` of the current task's path.
+      path_integral: running ``omega`` of the current task.
+      prev_params: parameters seen by the previous ``update`` call.
+      prev_grads: loss gradient received by the previous ``update`` call.
+      has_prev: bool scalar, whether ``prev_params``/``prev_grads`` hold a step
+        whose parameter change has not yet been added to ``path_integral``.
+    """
+
+  num_tasks: jax.Array
+  strength: jax.Array
+  damping: jax.Array
+  importance: PyTree
+  anchor: PyTree
+  path_integral: PyTree
+  prev_params: PyTree
+  prev_grads: PyTree
+  has_prev: jax.Array
 
 
 def si(strength: float, damping: float = 0.1) -> optax.GradientTransformationExtraArgs:
@@ -659,12 +458,7 @@ def si(strength: float, damping: float = 0.1) -> optax.GradientTransformationExt
     path = _flush_path(state, params)
     prev_params = jax.tree.map(lambda p, old: jnp.asarray(p).astype(old.dtype), params, state.prev_params)
     prev_grads = jax.tree.map(lambda u, old: jnp.asarray(u).astype(old.dtype), updates, state.prev_grads)
-    reg = jax.tree.map(
-        lambda p, o, a: 2.0 * s * _wide(o) * (_wide(p) - _wide(a)),
-        params,
-        state.importance,
-        state.anchor,
-    )
+    reg = _pull(2.0 * s, state.importance, params, state.anchor)
     new_updates = _add_grad(updates, reg, state.num_tasks > 0)
     new_state = state._replace(
         strength=s,
@@ -690,13 +484,7 @@ def _flush_path(state: SIState, params: PyTree) -> PyTree:
 
 
 def _si_penalty(state: SIState, params: PyTree) -> jax.Array:
-  sq = jax.tree.map(
-      lambda p, o, a: _wide(o) * jnp.square(_wide(p) - _wide(a)),
-      params,
-      state.importance,
-      state.anchor,
-  )
-  val = state.strength * _tree_sum(sq)
+  val = state.strength * _quadratic(state.importance, params, state.anchor)
   return jnp.where(state.num_tasks > 0, val, 0.0)
 
 
@@ -721,55 +509,386 @@ def _si_consolidate(state: SIState, params: PyTree, importance: PyTree) -> SISta
   )
 
 
+_register(RegularizerSpec(
+    name="si", transform="si", state_type=SIState, template_field="anchor", consolidate=_si_consolidate,
+    penalty=_si_penalty, importance=None, build=lambda c: si(c["strength"], damping=c["damping"]),
+    # First in the chain: its path integral needs the raw loss gradient.
+    chain_position=0, hyperparameters=(_positive("strength"), _positive("damping"))))
+
 # --------------------------------------------------------------------------
-# Task boundary and penalty over a whole optimizer state
+# L2 anchor
 # --------------------------------------------------------------------------
 
-_CONSOLIDATE = {
-    L2AnchorState: _l2_consolidate,
-    EWCState: _ewc_consolidate,
-    OnlineEWCState: _online_ewc_consolidate,
-    MASState: _mas_consolidate,
-    SIState: _si_consolidate,
-}
 
-_PENALTY = {
-    L2AnchorState: _l2_penalty,
-    EWCState: _ewc_penalty,
-    OnlineEWCState: _online_ewc_penalty,
-    MASState: _mas_penalty,
-    SIState: _si_penalty,
-}
+class L2AnchorState(NamedTuple):
+  """State of :func:`l2_anchor`.
 
-_TEMPLATE_FIELD = {
-    L2AnchorState: "anchor",
-    EWCState: "fisher_sum",
-    OnlineEWCState: "anchor",
-    MASState: "anchor",
-    SIState: "anchor",
-}
+    Attributes:
+      num_tasks: int32 scalar, number of consolidations so far (0 = inactive).
+      strength: float32 scalar, the penalty strength.
+      anchor: parameters at the last consolidation (``theta*``).
+    """
 
-_NAMES = {
-    L2AnchorState: "l2_anchor",
-    EWCState: "ewc",
-    OnlineEWCState: "ewc",
-    MASState: "mas",
-    SIState: "si",
-}
+  num_tasks: jax.Array
+  strength: jax.Array
+  anchor: PyTree
+
+
+_L2 = _WeightedAnchor("l2_anchor", L2AnchorState)
+
+
+def l2_anchor(strength: float) -> optax.GradientTransformationExtraArgs:
+  r"""Quadratic pull towards the parameters of the last consolidation.
+
+    Penalty::
+
+        P(theta) = strength / 2 * sum_i (theta_i - theta*_i)^2
+
+    where ``theta*`` are the parameters passed to the most recent
+    :func:`consolidate`. ``P = 0`` before the first consolidation. The
+    transform adds ``grad P = strength * (theta - theta*)`` to the updates.
+
+    Args:
+      strength: non-negative penalty strength.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is
+      :class:`L2AnchorState`. ``update`` requires ``params``.
+
+    Example::
+
+        opt = optax.chain(l2_anchor(1.0), optax.sgd(1e-2))
+        state = opt.init(params)
+        ...                                  # train task 1
+        state = consolidate(state, params)   # task boundary
+        ...                                  # train task 2, pulled to task-1 params
+    """
+  _check_strength(strength)
+  return _L2.build(strength=strength)
+
+
+_register(_L2.spec("l2", lambda c: l2_anchor(c["strength"]), chain_position=1,
+                   hyperparameters=(_positive("strength"),)))
+
+# --------------------------------------------------------------------------
+# EWC
+# --------------------------------------------------------------------------
+
+
+class EWCState(NamedTuple):
+  """State of :func:`ewc` (one quadratic per past task).
+
+    Instead of one (Fisher, anchor) pair per past task, only the sufficient
+    statistics of the sum of the per-task quadratics are stored.
+
+    Attributes:
+      num_tasks: int32 scalar, number of consolidations so far.
+      strength: float32 scalar, the penalty strength.
+      fisher_sum: ``sum_k F_k`` (pytree like the parameters).
+      fisher_anchor_sum: ``sum_k F_k * theta*_k`` (pytree like the parameters).
+      residual: float32 scalar, the part of ``sum_k sum_i F_k (theta - theta*_k)^2``
+        that does not depend on ``theta`` once the quadratic is written around
+        its minimiser (only used to report the penalty value; see :func:`ewc`).
+    """
+
+  num_tasks: jax.Array
+  strength: jax.Array
+  fisher_sum: PyTree
+  fisher_anchor_sum: PyTree
+  residual: jax.Array
+
+
+def ewc(strength: float, mode: str = "separate", decay: float = 1.0) -> optax.GradientTransformationExtraArgs:
+  r"""Elastic Weight Consolidation with a diagonal Fisher (Kirkpatrick et al. 2017).
+
+    One penalty per past task::
+
+        P(theta) = strength / 2 * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
+
+    where ``F_k`` is the importance passed to the k-th :func:`consolidate` and
+    ``theta*_k`` the parameters at that call. The per-task anchors are *not*
+    stored. Since ``grad P = strength * sum_k F_k (theta - theta*_k) =
+    strength * (A theta - b)`` with ``A = sum_k F_k`` and ``b = sum_k F_k
+    theta*_k``, the state keeps only ``A`` and ``b`` (two parameter-sized
+    trees, whatever the number of tasks). For the penalty *value* the quadratic
+    is rewritten around its minimiser ``m = b / A``::
+
+        P(theta) = strength / 2 * ( sum_i A_i (theta_i - m_i)^2 + R )
+
+    with the scalar ``R = sum_k sum_i F_k,i theta*_k,i^2 - sum_i A_i m_i^2 >= 0``,
+    updated at each consolidation with the numerically stable pooled form
+    ``R += sum_i A_old F_new / (A_old + F_new) * (m_old - theta*_new)^2``.
+
+    ``P = 0`` before the first consolidation. The transform adds ``grad P`` to
+    the updates.
+
+    Args:
+      strength: non-negative penalty strength (``lambda``).
+      mode: ``'separate'`` (the above) or ``'online'``, which returns
+        ``online_ewc(strength, decay)`` (see :func:`online_ewc`).
+      decay: the Fisher decay of ``mode='online'``, ``0 < decay <= 1``; ignored
+        (but still validated) in ``'separate'`` mode.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is
+      :class:`EWCState` (:class:`OnlineEWCState` for ``mode='online'``).
+      ``update`` requires ``params``; :func:`consolidate` requires
+      ``importance`` (e.g. from ``fisher_diagonal``), non-negative, shaped like
+      the parameters.
+
+    Example::
+
+        opt = optax.chain(ewc(100.0), optax.adam(1e-3))
+        state = opt.init(params)
+        ...                                              # train task 1
+        fisher = fisher_diagonal(loss_fn, params, task1_batches)
+        state = consolidate(state, params, importance=fisher)
+    """
+  _check_strength(strength)
+  if mode not in ("separate", "online"):
+    raise ValueError(f"ewc: mode must be 'separate' or 'online', got {mode!r}.")
+  _check_decay(decay)
+  if mode == "online":
+    return online_ewc(strength, decay)
+
+  def init_fn(params):
+    return EWCState(
+        num_tasks=jnp.zeros((), jnp.int32),
+        strength=_scalar(strength),
+        fisher_sum=jax.tree.map(jnp.zeros_like, params),
+        fisher_anchor_sum=jax.tree.map(jnp.zeros_like, params),
+        residual=jnp.zeros((), jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _require_params(params, "ewc")
+    s = _scalar(strength)
+    reg = jax.tree.map(
+        lambda p, f, fa: s * (_wide(f) * _wide(p) - _wide(fa)),
+        params,
+        state.fisher_sum,
+        state.fisher_anchor_sum,
+    )
+    updates = _add_grad(updates, reg, state.num_tasks > 0)
+    return updates, state._replace(strength=s)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ewc_penalty(state: EWCState, params: PyTree) -> jax.Array:
+
+  def term(p, f, fa):
+    f, fa = _wide(f), _wide(fa)
+    m = _safe_div(fa, f)
+    return f * jnp.square(_wide(p) - m)
+
+  sq = jax.tree.map(term, params, state.fisher_sum, state.fisher_anchor_sum)
+  val = 0.5 * state.strength * (_tree_sum(sq) + state.residual)
+  return jnp.where(state.num_tasks > 0, val, 0.0)
+
+
+def _ewc_consolidate(state: EWCState, params: PyTree, importance: PyTree) -> EWCState:
+  _require_importance(importance, "ewc", "fisher")
+  p = _like_state(state.fisher_sum, params, "params", "ewc")
+  f_new = _like_state(state.fisher_sum, importance, "importance", "ewc")
+
+  def pooled(f_old, fa_old, fn, a):
+    f_old, fa_old, fn, a = _wide(f_old), _wide(fa_old), _wide(fn), _wide(a)
+    m_old = _safe_div(fa_old, f_old)
+    return _safe_div(f_old * fn, f_old + fn) * jnp.square(m_old - a)
+
+  extra = _tree_sum(jax.tree.map(pooled, state.fisher_sum, state.fisher_anchor_sum, f_new, p))
+  fisher_sum = jax.tree.map(lambda f, fn: (_wide(f) + _wide(fn)).astype(f.dtype), state.fisher_sum, f_new)
+  fisher_anchor_sum = jax.tree.map(
+      lambda fa, fn, a: (_wide(fa) + _wide(fn) * _wide(a)).astype(fa.dtype),
+      state.fisher_anchor_sum,
+      f_new,
+      p,
+  )
+  return state._replace(
+      num_tasks=state.num_tasks + 1,
+      fisher_sum=fisher_sum,
+      fisher_anchor_sum=fisher_anchor_sum,
+      residual=(state.residual + extra).astype(state.residual.dtype),
+  )
+
+
+_register(RegularizerSpec(
+    name="ewc", transform="ewc", state_type=EWCState, template_field="fisher_sum", consolidate=_ewc_consolidate,
+    penalty=_ewc_penalty, importance="fisher", build=lambda c: ewc(c["strength"]), chain_position=2,
+    hyperparameters=(_positive("strength"),)))
+
+# --------------------------------------------------------------------------
+# Online EWC
+# --------------------------------------------------------------------------
+
+
+class OnlineEWCState(NamedTuple):
+  """State of :func:`online_ewc`.
+
+    Attributes:
+      num_tasks: int32 scalar, number of consolidations so far.
+      strength: float32 scalar, the penalty strength.
+      decay: float32 scalar, the Fisher decay ``gamma``.
+      fisher: the running Fisher ``F`` (pytree like the parameters).
+      anchor: parameters at the last consolidation (``theta*``).
+    """
+
+  num_tasks: jax.Array
+  strength: jax.Array
+  decay: jax.Array
+  fisher: PyTree
+  anchor: PyTree
+
+
+_ONLINE_EWC = _WeightedAnchor("online_ewc", OnlineEWCState, weights="fisher", importance="fisher",
+                              accumulate=lambda state, f, f_new: state.decay * f + f_new)
+
+
+def online_ewc(strength: float, decay: float) -> optax.GradientTransformationExtraArgs:
+  r"""Online EWC (Schwarz et al. 2018, "Progress & Compress").
+
+    One running Fisher, anchored at the last task::
+
+        F <- decay * F + F_new,   theta* <- current params
+        P(theta) = strength / 2 * sum_i F_i (theta_i - theta*_i)^2
+
+    at each :func:`consolidate` (``F_new`` its ``importance``). ``P = 0``
+    before the first consolidation. The transform adds ``grad P = strength *
+    F * (theta - theta*)`` to the updates. ``decay = 1`` sums the Fishers of
+    all tasks but, unlike :func:`ewc`, pulls towards the last anchor only.
+
+    Args:
+      strength: non-negative penalty strength (``lambda``).
+      decay: the Fisher decay ``gamma``, ``0 < decay <= 1``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is
+      :class:`OnlineEWCState`. ``update`` requires ``params``;
+      :func:`consolidate` requires ``importance`` (e.g. from
+      ``fisher_diagonal``), non-negative, shaped like the parameters.
+
+    Example::
+
+        opt = optax.chain(online_ewc(100.0, decay=0.9), optax.adam(1e-3))
+        state = opt.init(params)
+        ...                                              # train task 1
+        fisher = fisher_diagonal(loss_fn, params, task1_batches)
+        state = consolidate(state, params, importance=fisher)
+    """
+  _check_strength(strength)
+  _check_decay(decay)
+  return _ONLINE_EWC.build(strength=strength, decay=decay)
+
+
+_register(_ONLINE_EWC.spec("online_ewc", lambda c: online_ewc(c["strength"], c["decay"]), chain_position=3,
+                           hyperparameters=(_positive("strength"), ("decay", lambda v: 0 < v <= 1, "in (0, 1]"))))
+
+# --------------------------------------------------------------------------
+# MAS
+# --------------------------------------------------------------------------
+
+
+class MASState(NamedTuple):
+  """State of :func:`mas`.
+
+    Attributes:
+      num_tasks: int32 scalar, number of consolidations so far.
+      strength: float32 scalar, the penalty strength.
+      importance: accumulated importance ``Omega`` (pytree like the parameters).
+      anchor: parameters at the last consolidation (``theta*``).
+    """
+
+  num_tasks: jax.Array
+  strength: jax.Array
+  importance: PyTree
+  anchor: PyTree
+
+
+_MAS = _WeightedAnchor("mas", MASState, weights="importance", importance="mas",
+                       accumulate=lambda state, omega, omega_new: omega + omega_new)
+
+
+def mas(strength: float) -> optax.GradientTransformationExtraArgs:
+  r"""Memory Aware Synapses (Aljundi et al. 2018).
+
+    Penalty::
+
+        P(theta) = strength / 2 * sum_i Omega_i (theta_i - theta*_i)^2
+
+    ``theta*`` are the parameters at the last :func:`consolidate` and ``Omega``
+    is the *running sum* of the per-task importances passed to it,
+    ``Omega <- Omega + Omega_new`` (the importances of all past tasks are
+    accumulated; a running mean would only rescale ``strength`` by the number
+    of tasks). ``P = 0`` before the first consolidation. The transform adds
+    ``grad P = strength * Omega * (theta - theta*)`` to the updates.
+
+    Args:
+      strength: non-negative penalty strength (``lambda``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is
+      :class:`MASState`. ``update`` requires ``params``; :func:`consolidate`
+      requires ``importance`` (e.g. from ``mas_importance``).
+
+    Example::
+
+        opt = optax.chain(mas(1.0), optax.adam(1e-3))
+        state = opt.init(params)
+        ...                                               # train task 1
+        omega = mas_importance(embed_fn, params, task1_batches)
+        state = consolidate(state, params, importance=omega)
+    """
+  _check_strength(strength)
+  return _MAS.build(strength=strength)
+
+
+_register(_MAS.spec("mas", lambda c: mas(c["strength"]), chain_position=4, hyperparameters=(_positive("strength"),)))
+
+# --------------------------------------------------------------------------
+# Walking an optimizer state
+# --------------------------------------------------------------------------
+
+
+def _is_reg_state(x: Any) -> bool:
+  return type(x) in _SPECS
+
+
+def map_regularizer_states(fn: Callable[[RegularizerSpec, Any], Any], opt_state: PyTree) -> tuple[PyTree, int]:
+  """Replaces every regularizer state of ``opt_state`` by ``fn(spec, state)``, in tree order.
+
+    The one walk behind :func:`consolidate`, :func:`regularizer_states`,
+    :func:`penalty` and :func:`transfer_regularizer_states`. ``opt_state`` is
+    any pytree (nested ``optax.chain``, ``optax.masked``, ... states, or a
+    single regularizer state); its other parts are returned as they are.
+
+    Returns:
+      The new tree and the number of regularizer states found.
+    """
+  found = 0
+
+  def visit(node):
+    nonlocal found
+    if not _is_reg_state(node):
+      return node
+    found += 1
+    return fn(_SPECS[type(node)], node)
+
+  return jax.tree.map(visit, opt_state, is_leaf=_is_reg_state), found
 
 
 @jax.jit
 def _consolidate_one(state, params, importance):
   # Jitted so that eager calls compile once instead of dispatching op by op.
-  return _CONSOLIDATE[type(state)](state, params, importance)
+  return _SPECS[type(state)].consolidate(state, params, importance)
 
 
 @jax.jit
 def _penalty_one(state, params):
-  kind = type(state)
-  template = getattr(state, _TEMPLATE_FIELD[kind])
-  p = _like_state(template, params, "params", _NAMES[kind])
-  return _PENALTY[kind](state, p).astype(jnp.float32)
+  spec = _SPECS[type(state)]
+  p = _like_state(getattr(state, spec.template_field), params, "params", spec.transform)
+  return spec.penalty(state, p).astype(jnp.float32)
 
 
 def regularizer_states(opt_state: PyTree) -> list:
@@ -777,8 +896,15 @@ def regularizer_states(opt_state: PyTree) -> list:
 
     Useful for logging, e.g. ``[s.num_tasks for s in regularizer_states(st)]``.
     """
-  leaves = jax.tree.leaves(opt_state, is_leaf=_is_reg_state)
-  return [leaf for leaf in leaves if _is_reg_state(leaf)]
+  found = []
+
+  def keep(spec, state):
+    del spec
+    found.append(state)
+    return state
+
+  map_regularizer_states(keep, opt_state)
+  return found
 
 
 def consolidate(
@@ -794,13 +920,14 @@ def consolidate(
     ``optax.chain``, ``optax.masked``, ``optax.named_chain``,
     ``optax.multi_transform``, ``optax.inject_hyperparams``,
     ``optax.MultiSteps``, ... works), and replaces each state created by
-    :func:`l2_anchor`, :func:`ewc`, :func:`mas` or :func:`si` by its
-    consolidated version; every other part of the state is returned unchanged:
+    :func:`l2_anchor`, :func:`ewc`, :func:`online_ewc`, :func:`mas` or
+    :func:`si` by its consolidated version; every other part of the state is
+    returned unchanged:
 
     - ``l2_anchor``: ``theta* <- params``.
-    - ``ewc`` separate: ``sum F <- sum F + importance``,
+    - ``ewc``: ``sum F <- sum F + importance``,
       ``sum F theta* <- sum F theta* + importance * params``.
-    - ``ewc`` online: ``F <- decay * F + importance``, ``theta* <- params``.
+    - ``online_ewc``: ``F <- decay * F + importance``, ``theta* <- params``.
     - ``mas``: ``Omega <- Omega + importance``, ``theta* <- params``.
     - ``si``: adds the pending last step to ``omega``, then
       ``Omega <- Omega + omega / ((params - theta_start)^2 + damping)``,
@@ -819,9 +946,9 @@ def consolidate(
       opt_state: an optimizer state containing regularizer states.
       params: parameters at the end of the task just learned.
       importance: the new task's per-parameter importance (diagonal Fisher for
-        ``ewc``, ``Omega_new`` for ``mas``), non-negative. Required if the state
-        contains an ``ewc`` or ``mas`` regularizer; ignored by ``l2_anchor`` and
-        ``si``. If several importance-based regularizers are present, all
+        ``ewc``/``online_ewc``, ``Omega_new`` for ``mas``), non-negative.
+        Required if the state contains one of them; ignored by ``l2_anchor``
+        and ``si``. If several importance-based regularizers are present, all
         receive the same ``importance``.
       missing_ok: if False (default) raise when ``opt_state`` contains no
         regularizer state (usually a wiring mistake); if True return
@@ -831,9 +958,9 @@ def consolidate(
       The new optimizer state, with the same tree structure and dtypes.
 
     Raises:
-      ValueError: if ``importance`` is missing for ``ewc``/``mas``, if
-        ``params``/``importance`` do not match the parameter structure, or if no
-        regularizer state is found and ``missing_ok`` is False.
+      ValueError: if ``importance`` is missing for ``ewc``/``online_ewc``/``mas``,
+        if ``params``/``importance`` do not match the parameter structure, or if
+        no regularizer state is found and ``missing_ok`` is False.
 
     Example::
 
@@ -842,17 +969,11 @@ def consolidate(
         ...
         opt_state = consolidate(opt_state, params, importance=fisher)
     """
-  found = []
-
-  def visit(node):
-    if not _is_reg_state(node):
-      return node
-    found.append(type(node).__name__)
-    return _consolidate_one(node, params, importance)
-
-  new_state = jax.tree.map(visit, opt_state, is_leaf=_is_reg_state)
+  new_state, found = map_regularizer_states(lambda spec, state: _consolidate_one(state, params, importance),
+                                            opt_state)
   if not found and not missing_ok:
-    raise ValueError("consolidate: no l2_anchor/ewc/mas/si state found in opt_state. Build "
+    kinds = "/".join(spec.transform for spec in regularizer_specs())
+    raise ValueError(f"consolidate: no regularizer state ({kinds}) found in opt_state. Build "
                      "the optimizer as e.g. optax.chain(ewc(...), optax.adam(...)), or pass "
                      "missing_ok=True.")
   return new_state
@@ -876,24 +997,20 @@ def transfer_regularizer_states(source: PyTree, target: PyTree) -> PyTree:
         in number, kind or structure.
     """
   sources = regularizer_states(source)
-  pending = iter(sources)
-  seen = []
+  pending = iter(enumerate(sources, start=1))
 
-  def visit(node):
-    if not _is_reg_state(node):
-      return node
-    seen.append(type(node).__name__)
-    new = next(pending, None)
+  def take(spec, node):
+    index, new = next(pending, (len(sources) + 1, None))
     if (new is None or type(new) is not type(node) or jax.tree.structure(new) != jax.tree.structure(node)):
       raise ValueError("transfer_regularizer_states: regularizer state "
-                       f"#{len(seen)} ({type(node).__name__}) has no matching state in "
+                       f"#{index} ({spec.state_type.__name__}) has no matching state in "
                        f"`source` (source holds {[type(x).__name__ for x in sources]}).")
     return _tree_copy(new)
 
-  out = jax.tree.map(visit, target, is_leaf=_is_reg_state)
-  if len(seen) != len(sources):
+  out, seen = map_regularizer_states(take, target)
+  if seen != len(sources):
     raise ValueError(f"transfer_regularizer_states: `source` has {len(sources)} regularizer "
-                     f"states but `target` has {len(seen)}.")
+                     f"states but `target` has {seen}.")
   return out
 
 

@@ -13,9 +13,10 @@ compute at a task's end, and whether replay and distillation are on.
   * ``l2``: quadratic pull to the previous task's parameters
     (:func:`~ccmr_jax.continual.regularizers.l2_anchor`).
   * ``ewc``: Elastic Weight Consolidation, one Fisher-weighted quadratic per
-    past task (``ewc(mode="separate")``; importance ``"fisher"``).
+    past task (:func:`~ccmr_jax.continual.regularizers.ewc`; importance ``"fisher"``).
   * ``online_ewc``: online EWC, one decayed running Fisher anchored at the
-    previous task (``ewc(mode="online")``; importance ``"fisher"``).
+    previous task (:func:`~ccmr_jax.continual.regularizers.online_ewc`;
+    importance ``"fisher"``).
   * ``mas``: Memory Aware Synapses (importance ``"mas"``).
   * ``si``: Synaptic Intelligence (importance from its own path integral).
   * ``lwf``: distillation of the previous snapshot's similarity structure
@@ -25,9 +26,14 @@ compute at a task's end, and whether replay and distillation are on.
 
 Regularizers combine: each adds its own penalty to the loss, so the total is
 ``L + sum_r P_r(theta)`` and the transforms simply chain. ``si`` goes first
-in the chain because its path integral needs the raw loss gradient.
+in the chain because its path integral needs the raw loss gradient. Everything
+about a regularizer (its component name, chain position, importance, how it is
+built from its config section and which values that section accepts) comes
+from its :class:`~ccmr_jax.continual.regularizers.RegularizerSpec`; no code
+here names a regularizer.
 
-Hyperparameters live in ``config.continual`` (:func:`continual_defaults`).
+Hyperparameters live in ``config.continual``, whose defaults are
+:func:`ccmr_jax.defaults.continual_defaults` (re-exported here).
 """
 
 from __future__ import annotations
@@ -37,77 +43,31 @@ import math
 import numbers
 from typing import Any, Mapping
 
-import jax
 import ml_collections
 import optax
 
 from ccmr_jax.continual import regularizers as regs
 from ccmr_jax.continual.distillation import SIMILARITY_PARTS
 from ccmr_jax.continual.replay import SELECTIONS
+from ccmr_jax.defaults import continual_defaults
+
+__all__ = ["STRATEGY_COMPONENTS", "STANDALONE_COMPONENTS", "REGULARIZER_COMPONENTS", "IMPORTANCE_ESTIMATORS",
+           "Strategy", "check_continual_config", "continual_defaults", "parse_strategy"]
 
 PyTree = Any
 
-STRATEGY_COMPONENTS = ("finetune", "joint", "l2", "ewc", "online_ewc", "mas", "si", "lwf", "replay")
+# The regularizers, in the order their transforms are chained.
+_SPECS = regs.regularizer_specs()
+REGULARIZER_COMPONENTS = tuple(spec.name for spec in _SPECS)
 STANDALONE_COMPONENTS = ("finetune", "joint")
-# Regularizer components in the order their transforms are chained.
-REGULARIZER_COMPONENTS = ("si", "l2", "ewc", "online_ewc", "mas")
-IMPORTANCE_ESTIMATORS = ("fisher", "mas")
-_IMPORTANCE_OF_COMPONENT = {"ewc": "fisher", "online_ewc": "fisher", "mas": "mas"}
-# The importance each regularizer state consumes at consolidation (None: needs none).
-_IMPORTANCE_OF_STATE = {regs.L2AnchorState: None, regs.EWCState: "fisher", regs.OnlineEWCState: "fisher",
-                        regs.MASState: "mas", regs.SIState: None}
-
-
-def continual_defaults() -> ml_collections.ConfigDict:
-  """The ``config.continual`` section: every strategy hyperparameter, with its default.
-
-  The defaults are starting points, not tuned values; sweep them with
-  ``python -m ccmr_jax.sweep``. Penalty gradients join the loss gradient
-  *before* clipping (global norm 1), and a weighted quadratic pulls each
-  parameter with ``strength * importance``. On the tiny config after a few
-  steps, Fisher entries averaged ~5e-5 and MAS entries ~2, so the defaults
-  below give ``l2``, ``ewc``, ``online_ewc`` and ``mas`` a mean pull of the
-  same order (~0.05 to 0.2).
-
-  * ``l2.strength = 0.1``: ``P = s/2 ||theta - theta*||^2``.
-  * ``ewc.strength = 1000``: ``P = s/2 sum_k sum_i F_k,i (theta_i - theta*_k,i)^2``
-    with ``F_k`` the batch-gradient-square Fisher of task ``k``.
-  * ``online_ewc.strength = 1000``, ``online_ewc.decay = 0.9``: the running
-    Fisher ``F <- decay F + F_new``, ``0 < decay <= 1`` (1 is a plain sum).
-  * ``mas.strength = 0.1``: ``P = s/2 sum_i Omega_i (theta_i - theta*_i)^2``,
-    ``Omega`` the summed MAS importances.
-  * ``si.strength = 0.1``, ``si.damping = 0.1``: ``c`` and ``xi`` of Synaptic
-    Intelligence (``P = c sum_i Omega_i (theta_i - theta*_i)^2``).
-  * ``lwf.weight = 1``, ``lwf.temperature = 0.1``,
-    ``lwf.parts = ("cross", "image", "text")``: loss
-    ``L + weight * similarity_distillation(..., temperature, parts)``.
-  * ``replay.memory_per_task = 200``: images kept from each finished task
-    (5% of a task of the scenes config); ``replay.selection = "reservoir"``
-    (or ``"herding"``); ``replay.fraction = 0.25``: share of every batch
-    drawn from the memory.
-  * ``importance.max_batches = 50``: batches of the finished task's training
-    data (at most) behind the Fisher and MAS estimates; 50 batches of 128
-    cover a whole task of the scenes config.
-
-  Returns:
-    A fresh ConfigDict; ``config.continual = continual_defaults()``.
-  """
-  return ml_collections.ConfigDict({
-      "l2": {"strength": 0.1},
-      "ewc": {"strength": 1000.0},
-      "online_ewc": {"strength": 1000.0, "decay": 0.9},
-      "mas": {"strength": 0.1},
-      "si": {"strength": 0.1, "damping": 0.1},
-      "lwf": {"weight": 1.0, "temperature": 0.1, "parts": SIMILARITY_PARTS},
-      "replay": {"memory_per_task": 200, "selection": "reservoir", "fraction": 0.25},
-      "importance": {"max_batches": 50},
-  })
+STRATEGY_COMPONENTS = STANDALONE_COMPONENTS + REGULARIZER_COMPONENTS + ("lwf", "replay")
+IMPORTANCE_ESTIMATORS = regs.IMPORTANCES
 
 
 def _field(continual: ml_collections.ConfigDict, path: str):
   section, name = path.split(".")
   if section not in continual or name not in continual[section]:
-    raise ValueError(f"config.continual.{path} is missing; start from strategies.continual_defaults()")
+    raise ValueError(f"config.continual.{path} is missing; start from ccmr_jax.defaults.continual_defaults()")
   return continual[section][name]
 
 
@@ -127,10 +87,11 @@ def check_continual_config(continual: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the field (``continual.ewc.strength`` …) and what it must be.
   """
-  for path in ("l2.strength", "ewc.strength", "online_ewc.strength", "mas.strength", "si.strength",
-               "si.damping", "lwf.weight", "lwf.temperature"):
+  for spec in _SPECS:
+    for field, ok, requirement in spec.hyperparameters:
+      _check_number(continual, f"{spec.name}.{field}", ok, requirement)
+  for path in ("lwf.weight", "lwf.temperature"):
     _check_number(continual, path, lambda v: v > 0, "a positive number")
-  _check_number(continual, "online_ewc.decay", lambda v: 0 < v <= 1, "in (0, 1]")
   _check_number(continual, "replay.fraction", lambda v: 0 < v < 1, "in (0, 1)")
   for path in ("replay.memory_per_task", "importance.max_batches"):
     value = _field(continual, path)
@@ -161,9 +122,14 @@ class Strategy:
     return list(range(task + 1)) if "joint" in self.components else [task]
 
   @property
+  def regularizer_specs(self) -> tuple[regs.RegularizerSpec, ...]:
+    """The specs of the strategy's regularizers, in chain order."""
+    return tuple(spec for spec in _SPECS if spec.name in self.components)
+
+  @property
   def regularizer_components(self) -> tuple[str, ...]:
     """The regularizer components, in chain order (``si`` first)."""
-    return tuple(c for c in REGULARIZER_COMPONENTS if c in self.components)
+    return tuple(spec.name for spec in self.regularizer_specs)
 
   @property
   def needs_importance(self) -> tuple[str, ...]:
@@ -172,7 +138,7 @@ class Strategy:
     ``"fisher"`` (``importance.fisher_diagonal``) for ``ewc`` / ``online_ewc``;
     ``"mas"`` (``importance.mas_importance``) for ``mas``; empty otherwise.
     """
-    wanted = {_IMPORTANCE_OF_COMPONENT[c] for c in self.components if c in _IMPORTANCE_OF_COMPONENT}
+    wanted = {spec.importance for spec in self.regularizer_specs}
     return tuple(e for e in IMPORTANCE_ESTIMATORS if e in wanted)
 
   @property
@@ -199,7 +165,7 @@ class Strategy:
         hyperparameters (read only when the strategy has a regularizer).
 
     Returns:
-      ``[si, l2_anchor, ewc, ewc(online), mas]``, restricted to the strategy's
+      ``[si, l2_anchor, ewc, online_ewc, mas]``, restricted to the strategy's
       components; empty for ``finetune``, ``joint``, ``lwf``, ``replay``.
 
     Raises:
@@ -209,27 +175,19 @@ class Strategy:
       return []
     if "continual" not in config:
       raise ValueError(f"train.strategy {self.name!r} needs config.continual; "
-                       "set config.continual = strategies.continual_defaults()")
+                       "set config.continual = ccmr_jax.defaults.continual_defaults()")
     continual = config.continual
     check_continual_config(continual)
-    build = {
-        "si": lambda: regs.si(continual.si.strength, damping=continual.si.damping),
-        "l2": lambda: regs.l2_anchor(continual.l2.strength),
-        "ewc": lambda: regs.ewc(continual.ewc.strength, mode="separate"),
-        "online_ewc": lambda: regs.ewc(continual.online_ewc.strength, mode="online",
-                                       decay=continual.online_ewc.decay),
-        "mas": lambda: regs.mas(continual.mas.strength),
-    }
-    return [build[c]() for c in self.regularizer_components]
+    return [spec.build(continual[spec.name]) for spec in self.regularizer_specs]
 
   def consolidate(self, opt_state: PyTree, params: PyTree,
                   importances: Mapping[str, PyTree] | None = None) -> PyTree:
     """Marks a task boundary in every regularizer state, each with its own importance.
 
     Unlike :func:`regularizers.consolidate`, which hands one importance to
-    every regularizer, an ``ewc`` state receives ``importances["fisher"]``
-    and a ``mas`` state ``importances["mas"]``, so ``ewc+mas`` works.
-    ``l2`` and ``si`` take none.
+    every regularizer, each state receives the importance its spec names
+    (``ewc`` and ``online_ewc``: ``importances["fisher"]``, ``mas``:
+    ``importances["mas"]``), so ``ewc+mas`` works. ``l2`` and ``si`` take none.
 
     Args:
       opt_state: an optimizer state built with :meth:`regularizers`.
@@ -251,16 +209,8 @@ class Strategy:
       raise ValueError(f"strategy {self.name!r} needs the importance estimate(s) {missing} to consolidate")
     if not self.regularizer_components:
       return opt_state
-    state_types = tuple(_IMPORTANCE_OF_STATE)
-    found = []
-
-    def visit(node):
-      if not isinstance(node, state_types):
-        return node
-      found.append(type(node).__name__)
-      return regs.consolidate(node, params, importance=importances.get(_IMPORTANCE_OF_STATE[type(node)]))
-
-    new_state = jax.tree.map(visit, opt_state, is_leaf=lambda node: isinstance(node, state_types))
+    new_state, found = regs.map_regularizer_states(
+        lambda spec, state: regs.consolidate(state, params, importance=importances.get(spec.importance)), opt_state)
     if not found:
       raise ValueError(f"strategy {self.name!r}: opt_state holds no regularizer state; build the optimizer "
                        "with strategy.regularizers(config)")

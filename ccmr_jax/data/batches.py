@@ -14,15 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ccmr_jax.data.examples import Examples, normalize_caption
+from ccmr_jax.data.examples import Examples, caption_text_ids
 from ccmr_jax.data.images import decode_ahead
 from ccmr_jax.data.tokenizer import Tokenizer
-
-
-def caption_text_ids(captions) -> np.ndarray:
-  """``int32 [C]``: equal ids exactly for captions with the same normalised text."""
-  ids: dict[str, int] = {}
-  return np.asarray([ids.setdefault(normalize_caption(c), len(ids)) for c in captions], np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

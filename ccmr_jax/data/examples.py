@@ -108,3 +108,9 @@ class Dataset:
   splits: Mapping[str, Examples]
   category_names: tuple[str, ...]
   category_groups: Mapping[str, tuple[int, ...]]
+
+
+def caption_text_ids(captions) -> np.ndarray:
+  """``int32 [C]``: equal ids exactly for captions with the same normalised text."""
+  ids: dict[str, int] = {}
+  return np.asarray([ids.setdefault(normalize_caption(c), len(ids)) for c in captions], np.int32)

@@ -14,9 +14,10 @@ naming them (exit code 2).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
+
+from ccmr_jax import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, ["flickr30k", "coco"], "Which dataset to build.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Where TFDS writes the prepared dataset.")
@@ -57,6 +58,7 @@ def prepare(dataset: str, data_dir: str, manual_dir: str = "") -> str:
   return os.fspath(builder.data_dir)
 
 
+@cli.exits_on_user_error()
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -65,8 +67,7 @@ def main(argv) -> None:
   try:
     print(f"prepared {prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value)}")
   except sources.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise cli.UserError(str(e)) from e
 
 
 if __name__ == "__main__":

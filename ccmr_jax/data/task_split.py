@@ -93,21 +93,39 @@ def assign_tasks(labels: Sequence[np.ndarray], category_task: np.ndarray) -> np.
   return out
 
 
-def split_into_tasks(dataset: Dataset, num_tasks: int, unlabeled: str = "drop") -> TaskStream:
+def ordered_groups(dataset: Dataset, task_order: Sequence[str] = ()) -> list[str]:
+  """The dataset's category groups in the order ``task_order`` gives (empty: the dataset's own order).
+
+  Raises:
+    ValueError: ``task_order`` is not a permutation of the group names.
+  """
+  group_names = list(dataset.category_groups)
+  if not task_order:
+    return group_names
+  if sorted(task_order) != sorted(group_names):
+    raise ValueError(f"data.task_order must order every category group of {dataset.name} once: "
+                     f"{group_names}, got {list(task_order)}")
+  return list(task_order)
+
+
+def split_into_tasks(dataset: Dataset, num_tasks: int, unlabeled: str = "drop",
+                     task_order: Sequence[str] = ()) -> TaskStream:
   """Cuts ``dataset`` into ``num_tasks`` tasks by its category groups.
 
   Args:
     dataset: a :class:`Dataset` with train/val/test splits and category groups.
     num_tasks: ``T``; at most the number of category groups.
     unlabeled: ``"drop"`` or ``"own_task"`` for images with no labels.
+    task_order: the category groups in the order the tasks take them
+      (:func:`ordered_groups`); empty for the dataset's own order.
 
   Returns:
     A :class:`TaskStream`. Raises ``ValueError`` if a task ends up with no
-    image in some split.
+    image in some split, or ``task_order`` is not a permutation of the groups.
   """
   if unlabeled not in ("drop", "own_task"):
     raise ValueError(f"unlabeled must be 'drop' or 'own_task', got {unlabeled!r}")
-  group_names = list(dataset.category_groups)
+  group_names = ordered_groups(dataset, task_order)
   blocks = group_tasks(group_names, num_tasks)
   category_task = np.full(len(dataset.category_names), -1, dtype=np.int64)
   task_categories, task_names = [], []

@@ -27,25 +27,23 @@ Per image of ``H x W`` pixels, ResNet-50 costs about ``4.1 · (HW / 224²)``
 GFLOPs forward (multiply-adds counted as 2 FLOPs: 8.2 at 224), three times
 that to train.
 
-Pretrained weights file (``.npz``, :func:`save_weights` /
-:func:`load_weights`): one array per parameter of the tower, keyed by its
-path in the tower's params joined with ``/`` (``stem_conv/kernel``,
-``stage1_block1/norm3/scale``, ...), kernels in Flax's ``[kh, kw, in, out]``
-layout. Loading requires exactly the tower's keys and shapes and names every
-mismatch.
+Pretrained weights file (``.npz``, :mod:`ccmr_jax.models.weights`): one
+array per parameter of the tower, keyed by its path in the tower's params
+joined with ``/`` (``stem_conv/kernel``, ``stage1_block1/norm3/scale``, ...),
+kernels in Flax's ``[kh, kw, in, out]`` layout. Loading requires exactly the
+tower's keys and shapes and names every mismatch.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
-import flax
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from ccmr_jax.models.weights import load_weights
 
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -133,51 +131,6 @@ class ResNetTower(nn.Module):
         x = Bottleneck(self.width * 2 ** stage, 2 if stage > 0 and block == 0 else 1, self.normalization,
                        self.groups, self.dtype, name=f"stage{stage + 1}_block{block + 1}")(x)
     return x.mean(axis=(1, 2))
-
-
-def flatten_weights(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """``{"a/b/kernel": array}`` of a params tree."""
-  return {"/".join(path): np.asarray(value) for path, value in flax.traverse_util.flatten_dict(dict(tree)).items()}
-
-
-def save_weights(path: str, tower_params: Mapping[str, Any]) -> None:
-  """Writes a tower's params as the documented ``.npz`` (written aside, then renamed)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
-    np.savez(f, **flatten_weights(tower_params))
-  os.replace(f.name, path)
-
-
-def load_weights(tower_params: Mapping[str, Any], path: str) -> dict[str, Any]:
-  """The tower's params with every array replaced by the one of the same key in ``path``.
-
-  Args:
-    tower_params: the initialised params of the tower (they give the keys,
-      shapes and dtypes expected).
-    path: an ``.npz`` in the documented format.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: the file is not an ``.npz`` of arrays, lacks keys, has keys
-      the tower does not, or has other shapes (each one named).
-  """
-  expected = flatten_weights(tower_params)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no pretrained weights file at {path}")
-  try:
-    with np.load(path, allow_pickle=False) as archive:
-      found = {key: archive[key] for key in archive.files}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not an .npz of arrays ({e})") from e
-  problems = [f"missing {key} {expected[key].shape}" for key in sorted(set(expected) - set(found))]
-  problems += [f"unexpected {key} {found[key].shape}" for key in sorted(set(found) - set(expected))]
-  problems += [f"{key}: file {found[key].shape}, tower {expected[key].shape}"
-               for key in sorted(set(found) & set(expected)) if found[key].shape != expected[key].shape]
-  if problems:
-    shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-    raise ValueError(f"{path} does not fit the tower ({len(problems)} problems):\n  {shown}")
-  loaded = {tuple(key.split("/")): found[key].astype(expected[key].dtype) for key in expected}
-  return flax.traverse_util.unflatten_dict(loaded)
 
 
 def load_image_tower_weights(variables: Mapping[str, Any], path: str) -> dict[str, Any]:
