@@ -73,3 +73,47 @@ def test_index_inputs_and_files_are_checked(tmp_path):
     f.write(b"cos\nsystem\n(S'echo pwned'\ntR.")
   with pytest.raises(ValueError, match="refusing to unpickle"):
     index.load_searcher(path)
+
+
+def test_only_the_newest_progress_checkpoint_is_kept_and_incomplete_folders_are_never_read(tmp_path):
+  workdir = str(tmp_path)
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  for step in (4, 8, 12):
+    checkpoint.save_progress(workdir, 1, step, jax.tree.map(lambda x: x * step, state))
+  assert os.listdir(os.path.join(workdir, "progress", "task_01")) == ["step_000012"]
+  # What Orbax leaves when killed mid-write: a temporary folder, renamed only once complete.
+  os.makedirs(os.path.join(workdir, "progress", "task_01", "step_000016.orbax-checkpoint-tmp-1764600000"))
+  os.makedirs(os.path.join(workdir, "snapshots", "task_02.orbax-checkpoint-tmp-1764600000"))
+  assert checkpoint.latest_progress(workdir, 1) == 12
+  assert checkpoint.completed_snapshots(workdir) == []
+  restored = checkpoint.restore_progress(workdir, 1, 12, checkpoint.abstract_like(state))
+  np.testing.assert_array_equal(restored["w"], state["w"] * 12)
+  checkpoint.clear_progress(workdir, 1)
+  assert checkpoint.latest_progress(workdir, 1) is None
+
+
+def _fit_with(step_fn, checkpoint_every):
+  from ccmr_jax import train
+  saved = []
+  batches = ({"image": np.zeros((8, 1), np.float32)} for _ in range(6))
+  train.fit(train.TrainState(np.int32(0), {"w": np.ones(2, np.float32)}, ()), step_fn, batches,
+            sharding.make_mesh(), lambda step: 0.1, 6, 0, log_every=3, checkpoint_every=checkpoint_every,
+            on_checkpoint=lambda step, state: saved.append(step))
+  return saved
+
+
+def test_checkpoint_every_zero_writes_none_and_non_finite_params_stop_before_a_checkpoint():
+  from ccmr_jax import train
+
+  def step(state, batch, learning_rate, teacher):
+    return train.TrainState(state.step + 1, state.params, state.opt_state), {"loss": np.float32(1.0)}
+
+  assert _fit_with(step, 0) == []
+  assert _fit_with(step, 2) == [2, 4]  # never at the last step: the task's end is the snapshot's
+
+  def poisoned(state, batch, learning_rate, teacher):  # the loss stays finite, a parameter does not
+    params = {"w": state.params["w"] * (np.nan if state.step == 1 else 1.0)}
+    return train.TrainState(state.step + 1, params, state.opt_state), {"loss": np.float32(1.0)}
+
+  with pytest.raises(FloatingPointError, match="non-finite parameters at step 2 of task 0"):
+    _fit_with(poisoned, 2)

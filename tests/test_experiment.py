@@ -141,6 +141,43 @@ def test_bad_config_values_stop_with_a_message_and_no_traceback(tmp_path, overri
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
+  error_lines = [line for line in proc.stderr.splitlines() if not line.startswith(("I1", "W1", "E1"))]
+  assert len(error_lines) == 1 and error_lines[0].startswith("error: "), error_lines  # one line, nothing else
+
+
+def test_the_tokenizer_knows_task_0_words_only_and_hashes_later_ones(finished_run):
+  workdir, _ = finished_run
+  from ccmr_jax.data.examples import normalize_caption
+  from ccmr_jax.data.tokenizer import Tokenizer
+  tokenizer = Tokenizer.from_json(open(os.path.join(workdir, "tokenizer.json")).read())
+  stream = experiment.load_task_stream(tiny.get_config())
+
+  def words(task):
+    return {w for c in stream.tasks[task].splits["train"].captions for w in normalize_caption(c).split()}
+
+  later = sorted(words(1) - words(0))  # e.g. the shapes and colours of task 1's families
+  assert later and not set(later) & set(tokenizer.words)
+  assert set(tokenizer.words) == words(0)
+  first_bucket = 2 + len(tokenizer.words)
+  assert all(first_bucket <= tokenizer.word_id(w) < tokenizer.vocab_size for w in later)
+
+
+def test_allow_config_change_through_the_command_logs_every_difference(finished_run, tmp_path):
+  workdir, results = finished_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", f"--workdir={copy}",
+             "--config.train.log_every=3", "--config.eval.batch_size=32"]
+  refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2 and "--allow_config_change" in refused.stderr
+  proc = subprocess.run(command + ["--allow_config_change"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "resuming" in proc.stderr and "train.log_every: workdir has 2, this run has 3" in proc.stderr
+  assert "eval.batch_size: workdir has 64, this run has 32" in proc.stderr
+  assert json.load(open(os.path.join(copy, "config.json")))["train"]["log_every"] == 3
+  assert json.load(open(os.path.join(copy, "results.json")))["policies"] == results["policies"]
 
 
 def test_a_continual_strategy_trains_and_saves_its_state(tmp_path):

@@ -172,4 +172,5 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
   assert multi["tasks_trained"] == single["tasks_trained"] == 2
   for task in range(2):  # both processes wrote into one Orbax snapshot per task
     assert os.path.isdir(os.path.join(multi_dir, "snapshots", f"task_{task:02d}"))
-  _assert_close(single["policies"], multi["policies"])
+  for key in ("policies", "policies_agnostic", "zero_shot", "analysis"):
+    _assert_close(single[key], multi[key], key)
