@@ -19,6 +19,7 @@ Metrics and the policies' rules are numpy (:mod:`ccmr_jax.metrics`,
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -144,14 +145,14 @@ def export_and_index(t: int, current: Sequence[EmbeddedSplit], splits: Sequence[
     files.atomic_save_npz(layout.embeddings_path(workdir, t, k), images=embedded.images, captions=embedded.captions,
                           image_ids=split.image_ids, caption_image=split.caption_image,
                           caption_text_ids=caption_text_ids(split.captions))
-    build_and_save_indexes(embedded, lambda name: layout.index_dir(workdir, t, k, name), config)
+    build_and_save_indexes(embedded, functools.partial(layout.index_dir, workdir, t, k), config)
 
 
 def stored_gallery(policy: IndexingPolicy, k: int, t: int, current: Sequence[EmbeddedSplit],
                    workdir: str) -> tuple[EmbeddedSplit, Searchers]:
   """Task ``k``'s gallery after task ``t`` as ``policy`` names it, with its saved indexes."""
   snapshot = policy.gallery_snapshot(k, t)
-  searchers = load_searchers(lambda name: layout.index_dir(workdir, snapshot, k, name))
+  searchers = load_searchers(functools.partial(layout.index_dir, workdir, snapshot, k))
   if snapshot == t:
     return current[k], searchers
   stored = files.load_npz(layout.embeddings_path(workdir, snapshot, k))
@@ -169,7 +170,7 @@ def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedS
     queries = policy.prepare_queries(current[k], k, t)
     task_aware[str(k)] = query_gallery(queries, searchers, gallery, metrics.GroundTruth.from_examples(splits[k]), ks)
   union = EmbeddedSplit(*(np.concatenate(part) for part in zip(*galleries)))
-  union_paths = lambda name: layout.union_index_dir(workdir, policy.name, t, name)  # noqa: E731
+  union_paths = functools.partial(layout.union_index_dir, workdir, policy.name, t)
   build_and_save_indexes(union, union_paths, config)
   union_searchers = load_searchers(union_paths)
   union_truth = metrics.UnionGallery.from_tasks(splits[:t + 1])

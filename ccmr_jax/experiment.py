@@ -29,7 +29,7 @@ from absl import logging
 
 from ccmr_jax import analysis, checkpoint, evaluate, files, index, metrics, pretrain, report, sharding, train
 from ccmr_jax import workdir as layout
-from ccmr_jax.cli import UserError, configure_logging  # noqa: F401  (re-exported for the commands and tests)
+from ccmr_jax.cli import UserError
 from ccmr_jax.continual import replay
 from ccmr_jax.continual.importance import fisher_diagonal, mas_importance
 from ccmr_jax.continual.regularizers import regularizer_states, transfer_regularizer_states

@@ -121,14 +121,29 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   return optax.chain(optax.masked(inner, trainable), optax.masked(optax.set_to_zero(), frozen))
 
 
+# The state of optax.inject_hyperparams: InjectStatefulHyperparamsState in optax >= 0.2.3, the older name before.
+_INJECTED_STATES = tuple(getattr(optax, name) for name in ("InjectStatefulHyperparamsState", "InjectHyperparamsState")
+                         if hasattr(optax, name))
+
+
 def set_learning_rate(opt_state, learning_rate):
-  """The state of :func:`make_optimizer` with AdamW's learning rate replaced."""
+  """The state of :func:`make_optimizer` with AdamW's learning rate replaced (wherever it sits in the chain).
+
+  Raises:
+    ValueError: the state holds no injected learning rate (a learning rate that silently stays constant).
+  """
+  found = []
+
   def replace(node):
-    if not isinstance(node, optax.InjectHyperparamsState):
+    if not isinstance(node, _INJECTED_STATES):
       return node
+    found.append(node)
     return node._replace(hyperparams=dict(node.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32)))
 
-  return jax.tree.map(replace, opt_state, is_leaf=lambda node: isinstance(node, optax.InjectHyperparamsState))
+  new_state = jax.tree.map(replace, opt_state, is_leaf=lambda node: isinstance(node, _INJECTED_STATES))
+  if len(found) != 1:
+    raise ValueError(f"expected one optax.inject_hyperparams state holding the learning rate, found {len(found)}")
+  return new_state
 
 
 def make_loss_fn(model, loss_config: ml_collections.ConfigDict,

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ccmr_jax import sharding, train
@@ -75,3 +76,16 @@ def test_patterns_that_match_nothing_and_empty_patterns_are_refused():
     train.trainable_patterns("text_tower/*,")
   with pytest.raises(ValueError, match="must be a string"):
     train.trainable_patterns(("text_tower/*",))
+
+
+@pytest.mark.parametrize("trainable", ["all", "text_side"])
+def test_the_step_trains_at_the_learning_rate_it_is_given(trainable):
+  params, optimizer, step, batch, mesh = _setup(trainable)
+  before = {k: np.asarray(v) for k, v in _paths(params).items()}
+  state = train.init_state(params, optimizer, mesh)
+  state, _ = step(state, batch, np.float32(0.0), None)  # lr 0 (a warmup's first step): nothing moves
+  assert all(np.array_equal(before[k], np.asarray(v)) for k, v in _paths(state.params).items())
+  state, _ = step(state, batch, np.float32(1e-2), None)
+  assert any(not np.array_equal(before[k], np.asarray(v)) for k, v in _paths(state.params).items())
+  with pytest.raises(ValueError, match="one optax.inject_hyperparams state"):
+    train.set_learning_rate(optax.adam(1e-3).init(params), 0.1)

@@ -1,7 +1,9 @@
 """Word tokenizer fixed before task 0.
 
-The vocabulary is built from the captions of task 0's training split only, so
-it carries no information from later tasks. Words first met later are not
+From scratch, the vocabulary is built from the captions of task 0's training
+split only, so it carries no information from later tasks. A run from
+pretrained towers (``model.init_from``) uses theirs instead, built from the
+pretraining corpus's captions (:mod:`ccmr_jax.pretrain`). Words first met later are not
 lost: each is hashed (CRC32, stable across runs and machines) into one of
 ``num_oov_buckets`` extra ids, so different new words mostly get different
 ids that the text tower can learn when their task arrives.
