@@ -13,6 +13,10 @@ the same strategy make a grid, the fields named in the order given. A tuple
 field takes its items joined by ``+`` (``--sweep=lwf.parts=cross,cross+image+text``).
 Other strategies run once, unswept.
 
+``--seeds=0,1,2`` runs every one of those once per seed, in ``<name>_seed=<seed>``
+(``config.seed`` and, for the embedded scenes, ``data.scenes.seed``), and the
+comparison adds ``compare_mean_std.md``: mean ± std over the seeds.
+
 ``--eval_split=val`` sets ``config.eval.split``, so the recall matrices come
 from the validation split: tune on ``val``, report on ``test``, in separate
 workdirs (a workdir refuses a run of another config).

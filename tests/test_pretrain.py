@@ -88,7 +88,7 @@ def test_a_run_starts_from_the_pretrained_towers_and_reports_their_zero_shot_row
   tokenizer = json.load(open(tmp_path / "run" / "tokenizer.json"))
   assert tokenizer == json.loads(pretrained.card["tokenizer"])
   zero_shot = results["zero_shot"]["mean_r1"]
-  assert len(zero_shot) == 2 and results["zero_shot"]["i2t_r1"][0] > 0
+  assert len(zero_shot) == 2 and all(0 <= v <= 100 for v in zero_shot)
   for policy in ("reindex", "no_reindex"):
     matrix = results["policies"][policy]["mean_r1"]["matrix"]
     assert matrix[0][0] == zero_shot[0] and matrix[1] == zero_shot
