@@ -226,9 +226,13 @@ def aggregate_rows(runs: Sequence[Run], rows: Sequence[dict]) -> list[dict]:
   order of their first run.
   """
   keys = {run.workdir: replicate_key(run.results) for run in runs}
-  labels = {}
+  first = {}
   for run in runs:
-    labels.setdefault(keys[run.workdir], _group_label(run))
+    first.setdefault(keys[run.workdir], run)
+  labels = {key: _group_label(run) for key, run in first.items()}
+  if len(set(labels.values())) < len(labels):  # groups of the same name: add the folder each one lives in
+    labels = {key: f"{os.path.basename(os.path.dirname(os.path.normpath(run.workdir)))}/{labels[key]}"
+              for key, run in first.items()}
   grouped: dict[tuple, list[dict]] = {}
   for row in rows:
     grouped.setdefault((keys[row["workdir"]], row["scope"], row["policy"]), []).append(row)

@@ -152,3 +152,16 @@ def test_replicates_differing_only_in_seed_and_task_order_are_averaged_with_thei
   assert f"| finetune | reindex | task_aware | 3 | " in table and f"{finals.mean():.2f} ± {finals.std(ddof=1):.2f}" in table
   with open(written[5]) as f:
     assert next(csv.DictReader(f))["mean_r1_std"] == str(rows[0]["mean_r1_std"])
+
+
+def test_groups_of_the_same_name_are_told_apart_by_their_folder(tmp_path):
+  paths = []
+  for folder, strategy in (("pretrained", "finetune"), ("scratch", "joint")):
+    for seed in (0, 1):
+      results = _results(strategy, BASE)
+      results["config"]["seed"] = seed
+      paths.append(str(tmp_path / folder / f"finetune_seed={seed}"))
+      files.atomic_write_json(os.path.join(paths[-1], "results.json"), results)
+  runs = compare.load_runs(paths)
+  groups = [(r["group"], r["n"]) for r in compare.aggregate_rows(runs, compare.comparison_rows(runs))]
+  assert groups == [("pretrained/finetune", 2)] * 2 + [("scratch/finetune", 2)] * 2
