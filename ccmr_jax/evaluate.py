@@ -163,12 +163,13 @@ def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedS
                      workdir: str, config: ml_collections.ConfigDict) -> dict[str, dict]:
   """``{scope: {str(k): metrics}}`` of one policy after task ``t``."""
   ks = config.eval.ks
+  queries = [policy.prepare_queries(current[k], k, t) for k in range(t + 1)]
   galleries, task_aware = [], {}
   for k in range(t + 1):
     gallery, searchers = stored_gallery(policy, k, t, current, workdir)
     galleries.append(gallery)
-    queries = policy.prepare_queries(current[k], k, t)
-    task_aware[str(k)] = query_gallery(queries, searchers, gallery, metrics.GroundTruth.from_examples(splits[k]), ks)
+    task_aware[str(k)] = query_gallery(queries[k], searchers, gallery, metrics.GroundTruth.from_examples(splits[k]),
+                                       ks)
   union = EmbeddedSplit(*(np.concatenate(part) for part in zip(*galleries)))
   union_paths = functools.partial(layout.union_index_dir, workdir, policy.name, t)
   build_and_save_indexes(union, union_paths, config)
@@ -176,8 +177,7 @@ def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedS
   union_truth = metrics.UnionGallery.from_tasks(splits[:t + 1])
   task_agnostic = {}
   for k in range(t + 1):
-    i2t_rows, t2i_rows, agreement = search_both_ways(policy.prepare_queries(current[k], k, t), union_searchers,
-                                                     union, max(ks))
+    i2t_rows, t2i_rows, agreement = search_both_ways(queries[k], union_searchers, union, max(ks))
     task_agnostic[str(k)] = _with_agreement(union_truth.metrics(k, i2t_rows, t2i_rows, ks), agreement)
   return {"task_aware": task_aware, "task_agnostic": task_agnostic}
 

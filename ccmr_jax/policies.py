@@ -20,6 +20,7 @@ and the analysis, report and comparison read their names from it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import NamedTuple
 
@@ -34,14 +35,14 @@ class EmbeddedSplit(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexingPolicy:
+class IndexingPolicy(abc.ABC):
   """The rule of one indexing policy (see the module docstring)."""
 
   name: str
 
+  @abc.abstractmethod
   def gallery_snapshot(self, gallery_task: int, current_task: int) -> int:
     """The snapshot whose embeddings of task ``gallery_task`` form its gallery after ``current_task``."""
-    raise NotImplementedError
 
   def prepare_queries(self, queries: EmbeddedSplit, gallery_task: int, current_task: int) -> EmbeddedSplit:
     """The vectors that search task ``gallery_task``'s gallery, from its queries embedded by ``S_t``."""

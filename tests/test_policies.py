@@ -26,3 +26,11 @@ def test_the_paper_policies_search_with_the_queries_unchanged():
     prepared = policy.prepare_queries(queries, 0, 2)
     assert prepared.images is queries.images and prepared.captions is queries.captions
   assert policies.POLICY_NAMES == ("reindex", "no_reindex")
+
+
+def test_a_policy_without_its_gallery_rule_cannot_be_made():
+  class Incomplete(policies.IndexingPolicy):
+    pass
+
+  with pytest.raises(TypeError, match="abstract"):
+    Incomplete("incomplete")
