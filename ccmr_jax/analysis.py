@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccmr_jax import files, policies
+from ccmr_jax import files, manifest, policies
 from ccmr_jax import workdir as layout
 from ccmr_jax.metrics import exact_top_k, unit_rows
 
@@ -165,10 +165,10 @@ def _embedding_loader(workdir: str) -> Callable[[int, int], dict]:
   def load(snapshot: int, task: int) -> dict:
     if (snapshot, task) not in cache:
       path = layout.embeddings_path(workdir, snapshot, task)
-      if not files.exists(path):
+      if not manifest.is_sealed(path):
         raise FileNotFoundError(f"{path} is missing: the analysis needs task {task}'s test embeddings by "
                                 f"snapshot {snapshot}; rerun the experiment in this workdir to write them")
-      arrays = files.load_npz(path)
+      arrays = manifest.load_npz(path)
       cache[snapshot, task] = {"images": unit_rows(arrays["images"]), "captions": unit_rows(arrays["captions"]),
                                "caption_image": arrays["caption_image"]}
     return cache[snapshot, task]

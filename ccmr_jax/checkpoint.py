@@ -20,12 +20,15 @@ whole. Workdirs may be local or ``gs://``.
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from ccmr_jax import files
+from ccmr_jax import files, manifest
 from ccmr_jax import workdir as layout
 
 _SNAPSHOT = re.compile(r"^task_(\d+)$")
@@ -37,19 +40,38 @@ def _save(path: str, tree) -> str:
   checkpointer.save(path, tree, force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if jax.process_index() == 0:
+    manifest.seal_folder(path)
   return path
+
+
+def _local_parts(leaf) -> list:
+  return [shard.data for shard in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf]
+
+
+def _all_finite(tree) -> bool:
+  """Whether every float array of ``tree`` is free of NaN and Inf, checked on this process's shards in numpy."""
+  parts = (np.asarray(part) for leaf in jax.tree.leaves(tree) for part in _local_parts(leaf))
+  return all(bool(np.isfinite(part).all()) for part in parts if jnp.issubdtype(part.dtype, jnp.inexact))
 
 
 def _restore(path: str, abstract_tree, what: str, fix: str):
   if not files.is_dir(path):
     raise FileNotFoundError(f"no {what} at {path}")
+  try:
+    manifest.check_folder(path)
+  except manifest.DamagedError as e:
+    raise manifest.DamagedError(path, f"{e.problem}; {fix}") from e
   checkpointer = ocp.StandardCheckpointer()
   try:
-    return checkpointer.restore(path, abstract_tree)
+    tree = checkpointer.restore(path, abstract_tree)
   except Exception as e:  # Orbax raises many types for bad files; name the folder and the fix.
     raise files.CorruptFileError(f"{what} at {path} is unreadable ({type(e).__name__}: {e}); {fix}") from e
   finally:
     checkpointer.close()
+  if not _all_finite(tree):
+    raise files.CorruptFileError(f"{what} at {path} holds NaN or Inf values; {fix}")
+  return tree
 
 
 def save_snapshot(workdir: str, task: int, params) -> str:
@@ -85,13 +107,17 @@ def restore_regularizers(workdir: str, task: int, abstract_states):
                   f"delete snapshots/task_{task:02d} and that folder to retrain task {task}")
 
 
-def completed_snapshots(workdir: str) -> list[int]:
-  """Task indices with a complete snapshot, sorted."""
-  root = layout.snapshots_root(workdir)
+def _sealed_numbers(root: str, pattern: re.Pattern) -> list[int]:
+  """The numbers in the names of ``root``'s sealed subfolders that match ``pattern``, sorted."""
   if not files.is_dir(root):
     return []
-  found = (_SNAPSHOT.match(name) for name in files.listdir(root))
-  return sorted(int(m.group(1)) for m in found if m)
+  found = (pattern.match(name) for name in files.listdir(root))
+  return sorted(int(m.group(1)) for m in found if m and manifest.is_sealed(os.path.join(root, m.group(0))))
+
+
+def completed_snapshots(workdir: str) -> list[int]:
+  """Task indices with a complete (sealed) snapshot, sorted."""
+  return _sealed_numbers(layout.snapshots_root(workdir), _SNAPSHOT)
 
 
 def abstract_like(params):
@@ -100,11 +126,7 @@ def abstract_like(params):
 
 
 def _progress_steps(workdir: str, task: int) -> list[int]:
-  root = layout.progress_dir(workdir, task)
-  if not files.is_dir(root):
-    return []
-  found = (_PROGRESS.match(name) for name in files.listdir(root))
-  return sorted(int(m.group(1)) for m in found if m)
+  return _sealed_numbers(layout.progress_dir(workdir, task), _PROGRESS)
 
 
 def save_progress(workdir: str, task: int, step: int, state) -> str:

@@ -35,7 +35,7 @@ from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccmr_jax import cli, files
+from ccmr_jax import cli, files, manifest
 from ccmr_jax import workdir as layout
 from ccmr_jax.metrics import HEADLINE, SCOPES, metric_names
 
@@ -124,10 +124,10 @@ def load_run(workdir: str) -> Run:
     CompareError: the file is missing, unreadable or lacks what the comparison needs.
   """
   path = layout.results_path(workdir)
-  if not files.exists(path):
+  if not manifest.is_sealed(path):
     raise CompareError(f"workdir {workdir} has no results.json; it is written when a run has evaluated its tasks")
   try:
-    results = files.read_json(path)
+    results = manifest.read_json(path)
   except (OSError, ValueError) as e:
     raise CompareError(f"cannot read {path}: {e}") from e
   _check_results(results, path)
@@ -382,4 +382,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdirs", "out"])
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,8 @@ After training task ``t``, :func:`evaluate_after_task`
 
   1. embeds the evaluation split of every seen task ``k <= t`` with ``S_t``
      (these are the queries, and the galleries of ``S_t``), and exports them
-     to ``embeddings/snapshot_TT/task_KK.npz``;
+     to ``embeddings/snapshot_TT/task_KK.npz`` (task ``t``'s items, once, to
+     ``galleries/task_TT.json``);
   2. builds and saves the ScaNN index of each of those galleries
      (``index/snapshot_TT/task_KK/{images,captions}``);
   3. for each policy of :data:`ccmr_jax.policies.POLICIES` and each ``k``,
@@ -28,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ccmr_jax import files, index, metrics, sharding
+from ccmr_jax import files, index, manifest, metrics, sharding
 from ccmr_jax import workdir as layout
 from ccmr_jax.data.examples import Examples, caption_text_ids
 from ccmr_jax.data.tokenizer import Tokenizer
@@ -138,11 +139,19 @@ def embed_seen_tasks(t: int, params, splits: Sequence[Examples], tokenizer: Toke
   return [embedders.embed(params, splits[k], tokenizer) for k in range(t + 1)]
 
 
+def gallery_metadata(split: Examples, split_name: str) -> dict:
+  """``galleries/task_KK.json``: the items behind the rows of a task's indexes (for the search command)."""
+  return {"split": split_name, "image_ids": [int(i) for i in split.image_ids], "captions": list(split.captions),
+          "caption_image": [int(i) for i in split.caption_image]}
+
+
 def export_and_index(t: int, current: Sequence[EmbeddedSplit], splits: Sequence[Examples], workdir: str,
                      config: ml_collections.ConfigDict) -> None:
   """Writes ``S_t``'s embeddings of every seen task (with their ground-truth links) and their indexes."""
   for k, (embedded, split) in enumerate(zip(current, splits)):
-    files.atomic_save_npz(layout.embeddings_path(workdir, t, k), images=embedded.images, captions=embedded.captions,
+    if k == t:
+      manifest.write_json(layout.gallery_path(workdir, k), gallery_metadata(split, config.eval.split))
+    manifest.save_npz(layout.embeddings_path(workdir, t, k), images=embedded.images, captions=embedded.captions,
                           image_ids=split.image_ids, caption_image=split.caption_image,
                           caption_text_ids=caption_text_ids(split.captions))
     build_and_save_indexes(embedded, functools.partial(layout.index_dir, workdir, t, k), config)
@@ -155,7 +164,11 @@ def stored_gallery(policy: IndexingPolicy, k: int, t: int, current: Sequence[Emb
   searchers = load_searchers(functools.partial(layout.index_dir, workdir, snapshot, k))
   if snapshot == t:
     return current[k], searchers
-  stored = files.load_npz(layout.embeddings_path(workdir, snapshot, k))
+  path = layout.embeddings_path(workdir, snapshot, k)
+  stored = manifest.load_npz(path)
+  if not all(np.isfinite(stored[part]).all() for part in layout.GALLERIES):
+    raise files.CorruptFileError(f"{path} holds NaN or Inf embeddings; delete it (and the evaluations from task "
+                                 f"{snapshot} on) to recompute it from snapshot {snapshot}")
   return EmbeddedSplit(stored["images"], stored["captions"]), searchers
 
 

@@ -10,7 +10,10 @@ A rerun of the same command resumes: tasks whose evaluation is written are
 skipped; a task with a snapshot but no evaluation is only evaluated; the
 first task with neither is retrained from the previous snapshot, from its
 last progress checkpoint if it has one (training is a deterministic function
-of the config, so the numbers do not change).
+of the config, so the numbers do not change). Before anything else the
+rerun checks every artifact against its manifest (:mod:`ccmr_jax.integrity`):
+damaged computed files are deleted and recomputed, damaged trained state
+stops it (or, with ``repair``, is retrained).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 from absl import logging
 
-from ccmr_jax import analysis, checkpoint, evaluate, files, index, metrics, pretrain, report, sharding, train
+from ccmr_jax import (analysis, checkpoint, evaluate, files, index, integrity, manifest, metrics, pretrain, report,
+                      search_figures, sharding, train)
 from ccmr_jax import workdir as layout
 from ccmr_jax.cli import UserError
 from ccmr_jax.continual import replay
@@ -36,6 +41,7 @@ from ccmr_jax.continual.regularizers import regularizer_states, transfer_regular
 from ccmr_jax.continual.strategies import Strategy, check_continual_config, parse_strategy
 from ccmr_jax.data import sources
 from ccmr_jax.data.batches import PairSampler
+from ccmr_jax.data.examples import Examples
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
 from ccmr_jax.losses import LOSSES
@@ -89,13 +95,39 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, allow_confi
     logging.warning("resuming %s under a changed config:\n  %s", workdir, "\n  ".join(differences))
 
 
+def plan_repairs(workdir: str, config: ml_collections.ConfigDict, repair: bool) -> integrity.Plan:
+  """Checks every artifact of ``workdir`` against its manifest; returns what this run redoes about the damage.
+
+  Raises:
+    UserError: an artifact is damaged and cannot be recomputed without training (and ``repair`` is off),
+      or ``config.json`` is damaged: the first such, in one line.
+  """
+  findings = integrity.scan(workdir)
+  plan = integrity.plan_rerun(workdir, findings, config.data.num_tasks,
+                              integrity.carried_kinds(parse_strategy(config.train.strategy)), repair)
+  if plan.blocked:
+    more = f" ({len(plan.blocked) - 1} more: python -m ccmr_jax.verify --workdir={workdir})" if plan.blocked[1:] else ""
+    raise UserError(plan.blocked[0] + more)
+  return plan
+
+
+def apply_repairs(workdir: str, plan: integrity.Plan) -> None:
+  """Logs each repair and deletes what ``plan`` recomputes (process 0; the others wait for it)."""
+  for note in plan.notes:
+    logging.warning("repair: %s", note)
+  if jax.process_index() == 0:
+    integrity.apply(workdir, plan)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ccmr_jax: workdir repaired")
+
+
 def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict,
                             pretrained: pretrain.Pretrained | None = None) -> Tokenizer:
   """The tokenizer of ``workdir``; else the pretrained towers' one, or a new one from task 0's training captions."""
   path = layout.tokenizer_path(workdir)
-  if files.exists(path):
+  if manifest.is_sealed(path):
     try:
-      tokenizer = Tokenizer.from_json(files.read_text(path))
+      tokenizer = Tokenizer.from_json(manifest.read_text(path))
     except ValueError as e:
       raise UserError(f"{path}: {e}; delete the workdir to start over") from e
     if pretrained is not None and tokenizer != pretrained.tokenizer:
@@ -108,7 +140,7 @@ def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collect
     tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
                                 config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
   if jax.process_index() == 0:
-    files.atomic_write_text(path, tokenizer.to_json())
+    manifest.write_text(path, tokenizer.to_json())
   return tokenizer
 
 
@@ -360,12 +392,12 @@ def advance(c: Components, t: int, carried: CarriedState, workdir: str,
 def zero_shot_row(c: Components, workdir: str, config: ml_collections.ConfigDict) -> dict:
   """``eval/zero_shot.json``: the starting encoders on every task (computed once, then read)."""
   path = layout.zero_shot_path(workdir)
-  if files.exists(path):
-    return files.read_json(path)
+  if manifest.is_sealed(path):
+    return manifest.read_json(path)
   splits = [task.splits[config.eval.split] for task in c.stream.tasks]
   row = evaluate.evaluate_zero_shot(c.initial_params, splits, c.tokenizer, c.embedders, config)
   if jax.process_index() == 0:
-    files.atomic_write_json(path, row)
+    manifest.write_json(path, row)
   return row
 
 
@@ -374,7 +406,7 @@ def evaluate_and_record(c: Components, t: int, params, workdir: str, config: ml_
   splits = [task.splits[config.eval.split] for task in c.stream.tasks]
   evaluation = evaluate.evaluate_after_task(t, params, splits, c.tokenizer, c.embedders, workdir, config)
   if jax.process_index() == 0:
-    files.atomic_write_json(layout.evaluation_path(workdir, t), evaluation)
+    manifest.write_json(layout.evaluation_path(workdir, t), evaluation)
     for scope, per_policy in evaluation.items():
       for policy, per_task in per_policy.items():
         for k, values in per_task.items():
@@ -384,14 +416,21 @@ def evaluate_and_record(c: Components, t: int, params, workdir: str, config: ml_
 
 
 def write_outputs(evaluations: list[dict], zero_shot: dict, run_info: dict, workdir: str,
-                  config: ml_collections.ConfigDict) -> dict:
-  """``results.json`` (matrices, summaries, analysis), ``report.md`` and the plots; prints the summary table."""
+                  config: ml_collections.ConfigDict, first_split: Examples) -> dict:
+  """``results.json`` (matrices, summaries, analysis, examples), ``report.md`` and the plots; prints the summary.
+
+  ``first_split`` is task 0's evaluation split: the pixels of the examples' images.
+  """
   results = report.build_results(evaluations, metrics.metric_names(config.eval.ks), run_info, zero_shot)
   results["analysis"] = analysis.analyze_workdir(workdir, results["tasks_trained"])
   results["analysis_summary"] = analysis.summarize_analysis(results["analysis"])
-  files.atomic_write_json(layout.results_path(workdir), results)
+  results["examples"] = search_figures.report_examples(workdir, results["tasks_trained"])
+  manifest.write_json(layout.results_path(workdir), results)
   plots = report.plot_results(results, workdir)
   plots.append(analysis.plot_analysis(results["analysis"], os.path.join(layout.plots_dir(workdir), "analysis.png")))
+  rows = {int(image_id): row for row, image_id in enumerate(first_split.image_ids)}
+  plots.append(search_figures.plot_examples(results["examples"], lambda image_id: first_split.images[rows[image_id]],
+                                            search_figures.examples_path(workdir)))
   report_path = report.write_report(results, workdir, plots)
   print("\n" + report.summary_table(results) + "\n")
   print("wrote:\n  " + "\n  ".join([layout.results_path(workdir), report_path, *plots,
@@ -399,16 +438,18 @@ def write_outputs(evaluations: list[dict], zero_shot: dict, run_info: dict, work
   return results
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool, repair: bool) -> dict:
   start_time = time.perf_counter()
   check_config(config)
+  plan = plan_repairs(workdir, config, repair)
   prepare_workdir(workdir, config, allow_config_change)
+  apply_repairs(workdir, plan)
   c = build_components(config, workdir)
   zero_shot = zero_shot_row(c, workdir, config)
   first = layout.first_unfinished_task(workdir, len(c.stream))
   if first > 0:
     logging.info("resuming: tasks 0..%d already evaluated", first - 1)
-  evaluations = [files.read_json(layout.evaluation_path(workdir, t)) for t in range(first)]
+  evaluations = [manifest.read_json(layout.evaluation_path(workdir, t)) for t in range(first)]
   carried = load_carried(c, workdir, first - 1)
   timings = []
   for t in range(first, len(c.stream)):
@@ -427,10 +468,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: b
               "wall_s_this_invocation": round(time.perf_counter() - start_time, 2)}
   if jax.process_index() != 0:  # only process 0 queries the indexes: the others hold no metrics
     return {**run_info, "tasks_trained": len(evaluations)}
-  return write_outputs(evaluations, zero_shot, run_info, workdir, config)
+  return write_outputs(evaluations, zero_shot, run_info, workdir, config, c.stream.tasks[0].splits[config.eval.split])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
+        repair: bool = False) -> dict:
   """Runs (or resumes) the whole continual experiment; returns the results document.
 
   Args:
@@ -441,6 +483,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
       workdir's lock while it runs.
     allow_config_change: resume a workdir made with another config (the
       differences are logged and the workdir's config.json replaced).
+    repair: retrain the tasks whose trained artifacts (snapshot, regularizer
+      state, replay memory, progress checkpoint) are damaged, instead of
+      stopping (see :mod:`ccmr_jax.integrity`); damaged computed artifacts
+      are recomputed either way.
 
   Raises:
     UserError: bad config or data, a workdir that cannot be used or is in use,
@@ -448,7 +494,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   """
   try:
     with layout.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-      return _run(config, workdir, allow_config_change)
+      return _run(config, workdir, allow_config_change, repair)
   except FloatingPointError as e:
     raise UserError(f"{e}; the checkpoints before it are kept in {workdir}/progress and {workdir}/snapshots. "
                     "Lower train.learning_rate (or check the data) and rerun with --allow_config_change "

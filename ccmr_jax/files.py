@@ -8,9 +8,9 @@ the same paths natively.
 Whole or absent: a local file is written beside its target and renamed onto
 it; a cloud object is uploaded in one request, which its store commits whole.
 A folder (a ScaNN index) is marked complete by the file written last (see
-:func:`upload_folder`). A reader never sees a half-written file. Arrays are
-stored as ``.npz`` without pickled objects and read back with
-``allow_pickle=False``.
+:func:`upload_folder`). A reader never sees a half-written file. The
+checksummed artifacts of a workdir (``.npz`` arrays among them) are written
+and read through :mod:`ccmr_jax.manifest`, on top of this layer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import os
 import tempfile
 
-import numpy as np
 
 # One backend for cloud paths whether or not TensorFlow is installed (the `data` extra brings it): fsspec
 # (gcsfs/s3fs), as documented. Set EPATH_USE_TF=true to route them through tf.io.gfile instead.
@@ -112,23 +111,6 @@ def read_json(path: str):
     return json.loads(read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CorruptFileError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
-
-
-def atomic_save_npz(path: str, **arrays: np.ndarray) -> None:
-  for name, value in arrays.items():
-    if np.asarray(value).dtype == object:
-      raise TypeError(f"array {name!r} has dtype object; only plain arrays are stored")
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_npz(path: str) -> dict[str, np.ndarray]:
-  try:
-    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except (ValueError, OSError, EOFError) as e:
-    raise CorruptFileError(f"{path} is not a readable .npz of plain arrays ({e}); delete it to recompute it") from e
 
 
 def atomic_save_figure(figure, path: str, dpi: int = 110) -> None:

@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 from scann.scann_ops.py import scann_ops_pybind
 
-from ccmr_jax import files
+from ccmr_jax import files, manifest
 
 INDEX_MODES = ("exact", "approximate", "auto")
 _INFO_FILE = "ccmr_index.json"
@@ -90,7 +90,8 @@ def save_searcher(searcher: Searcher, path: str) -> str:
     searcher.scann.serialize(local, relative_path=True)
     with open(os.path.join(local, _INFO_FILE), "w", encoding="utf-8") as f:
       json.dump({"mode": searcher.mode, "size": searcher.size, "settings": searcher.settings}, f)
-    files.upload_folder(local, path, last=_INFO_FILE)
+    manifest.seal_folder(local)
+    files.upload_folder(local, path, last=manifest.FOLDER_MANIFEST)
   return path
 
 
@@ -99,14 +100,20 @@ def load_searcher(path: str) -> Searcher:
 
   ScaNN unpickles ``scann_docids.pkl`` when a folder has one; this project
   never writes it, so a folder that holds one is refused rather than read
-  (unpickling a crafted file would run its code).
+  (unpickling a crafted file would run its code). Every file is checked
+  against the folder's manifest before ScaNN reads it.
+
+  Raises:
+    FileNotFoundError: there is no index at ``path``.
+    files.CorruptFileError: the folder is damaged (see :mod:`ccmr_jax.manifest`) or unreadable.
   """
   info_path = os.path.join(path, _INFO_FILE)
-  if not files.exists(info_path) or not files.exists(os.path.join(path, "scann_assets.pbtxt")):
+  if not files.is_dir(path):
     raise FileNotFoundError(f"no ScaNN index at {path}")
   if files.exists(os.path.join(path, "scann_docids.pkl")):
     raise files.CorruptFileError(f"{path} holds scann_docids.pkl, which this project never writes; "
                      "refusing to unpickle it. Delete the folder to rebuild the index.")
+  manifest.check_folder(path)
   try:
     info = files.read_json(info_path)
     if files.is_remote(path):

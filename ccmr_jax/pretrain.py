@@ -13,13 +13,14 @@ then are scored on the corpus's own test split. The output folder holds
   card.json     the pretraining config, the data seed, the steps, the final
                 recall on the corpus test split, the tokenizer (built from
                 the corpus's training captions, so every later task's words
-                are known) and the sha256 of ``weights.npz``.
+                are known) and the sha256 of ``weights.npz`` (its identity)
+  MANIFEST.json the size and sha256 of both (:mod:`ccmr_jax.manifest`)
 
 A run with ``model.init_from = "pretrain"`` builds them from
 ``config.pretrain`` on first use and caches them under
 ``$CCMR_JAX_CACHE/pretrained/<hash of the pretraining config>``
 (default ``~/.cache/ccmr_jax``): written into a temporary folder and renamed,
-checked against the card's sha256 when read, rebuilt when damaged.
+checked against its manifest when read, rebuilt when damaged.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ccmr_jax import cli, evaluate, files, index, metrics, sharding, train
+from ccmr_jax import cli, evaluate, files, index, manifest, metrics, sharding, train
 from ccmr_jax.data import sources
 from ccmr_jax.data.batches import PairSampler
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
@@ -82,21 +82,21 @@ def _sha256(path: str) -> str:
 
 
 def load_pretrained(folder: str) -> Pretrained:
-  """Reads ``folder``'s card and checks the weights against its sha256.
+  """Reads ``folder``'s card after checking the folder against its manifest.
 
   Raises:
     FileNotFoundError: the folder has no card or no weights.
-    files.CorruptFileError: the card is not valid, or the weights do not match it.
+    files.CorruptFileError: the folder does not match its manifest (damaged, or written before manifests:
+      pretrain it again), or the card is not valid.
   """
   card_path, weights_path = os.path.join(folder, CARD_FILE), os.path.join(folder, WEIGHTS_FILE)
   for path in (card_path, weights_path):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} is missing: {folder} is not a pretraining output")
+  manifest.check_folder(folder)
   card = files.read_json(card_path)
   if not isinstance(card, dict) or not {"sha256", "tokenizer", "config"} <= set(card):
     raise files.CorruptFileError(f"{card_path} is not a pretraining card (no sha256, tokenizer or config)")
-  if _sha256(weights_path) != card["sha256"]:
-    raise files.CorruptFileError(f"{weights_path} does not match the sha256 in {card_path}: the file is damaged")
   try:
     Tokenizer.from_json(card["tokenizer"])
   except (ValueError, TypeError, KeyError) as e:
@@ -186,6 +186,7 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str) -> Pretrained:
             "sha256": _sha256(os.path.join(staging, WEIGHTS_FILE)), "wall_s": round(time.perf_counter() - start, 1),
             "jax": jax.__version__}
     files.atomic_write_json(os.path.join(staging, CARD_FILE), card)
+    manifest.seal_folder(staging)
     if os.path.isdir(out_dir):
       shutil.rmtree(out_dir, ignore_errors=True)
     try:
@@ -263,7 +264,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":  # the flags exist only in the command: the module is imported by every run
-  config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
+  cli.define_config_file("config", None, "Pretraining config file.")
   flags.DEFINE_string("out", None, "Folder for weights.npz and card.json.")
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  cli.run(main)

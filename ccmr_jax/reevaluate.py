@@ -23,7 +23,7 @@ from typing import Sequence
 import ml_collections
 from absl import app, flags, logging
 
-from ccmr_jax import checkpoint, cli, experiment, files
+from ccmr_jax import checkpoint, cli, experiment, files, manifest
 from ccmr_jax import workdir as layout
 
 def prepare(source: str, workdir: str, split: str, index_mode: str | None = None) -> ml_collections.ConfigDict:
@@ -36,17 +36,17 @@ def prepare(source: str, workdir: str, split: str, index_mode: str | None = None
   if split not in experiment.EVAL_SPLITS:
     raise cli.UserError(f"unknown split {split!r}; choose one of {list(experiment.EVAL_SPLITS)}")
   for path in (layout.config_path(source), layout.tokenizer_path(source)):
-    if not files.exists(path):
+    if not manifest.is_sealed(path):
       raise cli.UserError(f"{source} has no {os.path.basename(path)}: --source must be the workdir of a run")
   snapshots = checkpoint.completed_snapshots(source)
   if not snapshots:
     raise cli.UserError(f"{source} has no snapshot yet: train it first")
-  config = ml_collections.ConfigDict(files.read_json(layout.config_path(source)))
+  config = ml_collections.ConfigDict(manifest.read_json(layout.config_path(source)))
   config.eval.split = split
   if index_mode is not None:
     config.eval.index_mode = index_mode
   experiment.prepare_workdir(workdir, config)  # refuses a workdir of another config before anything is copied
-  files.atomic_write_bytes(layout.tokenizer_path(workdir), files.read_bytes(layout.tokenizer_path(source)))
+  manifest.write_file(layout.tokenizer_path(workdir), manifest.read_file(layout.tokenizer_path(source)))
   for task in snapshots:
     if task not in checkpoint.completed_snapshots(workdir):
       files.copy_tree(layout.snapshot_dir(source, task), layout.snapshot_dir(workdir, task))
@@ -71,4 +71,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["source", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -130,6 +130,24 @@ def _fmt3(value) -> str:
   return "—" if value is None else f"{value:.3f}"
 
 
+def examples_section(examples: list[dict]) -> list[str]:
+  """Report lines: for each fixed test query of task 0, its top-5 after task 0 and after the last task.
+
+  A hit reads ``+ id`` when it is a ground-truth match, ``- id`` when not (id: the image, or the image the
+  retrieved caption describes); ``plots/examples.png`` shows the same.
+  """
+  parts = ["## Examples: what forgetting does to a result list (task 0's test queries, task-aware)", ""]
+  for entry in examples:
+    query = entry["query"]
+    what = f"caption {query['text']!r}" if query["direction"] == "t2i" else f"image {query['image_id']}"
+    parts += [f"Query: {what} ({query['direction']}).", "", "| after task | policy | top 5 |", "|---|---|---|"]
+    for row in entry["rows"]:
+      hits = " ".join(("+" if h["correct"] else "-") + str(h["image_id"]) for h in row["hits"])
+      parts.append(f"| {row['after_task']} | {row['policy']} | {hits} |")
+    parts.append("")
+  return parts
+
+
 def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
   """Writes ``report.md`` (tables and plots) and returns its path."""
   names = [t["name"] for t in results["tasks"]]
@@ -154,6 +172,8 @@ def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
                 f"rsum matrix ({scope}, {policy}):", "", matrix_table(per_metric["rsum"]["matrix"], names), ""]
   if "analysis_summary" in results:
     parts += analysis_section(results["analysis_summary"])
+  if results.get("examples"):
+    parts += examples_section(results["examples"])
   parts += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
   parts += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
   path = layout.report_path(workdir)

@@ -39,9 +39,8 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ccmr_jax import cli, compare, distributed, experiment, files
+from ccmr_jax import cli, compare, distributed, experiment, manifest
 from ccmr_jax import workdir as layout
 from ccmr_jax.continual.strategies import check_continual_config, parse_strategy
 
@@ -209,10 +208,10 @@ def run_config(base: ml_collections.ConfigDict, planned: PlannedRun,
 def _finished_with(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether ``run_dir`` holds the results of a finished run of exactly ``config``."""
   path = layout.results_path(run_dir)
-  if not files.exists(path):
+  if not manifest.is_sealed(path):
     return False
   try:
-    return files.read_json(path).get("config") == json.loads(config.to_json())
+    return manifest.read_json(path).get("config") == json.loads(config.to_json())
   except (OSError, ValueError):
     return False
 
@@ -264,8 +263,7 @@ def run_sweep(base: ml_collections.ConfigDict, strategies: Sequence[str], sweep_
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the command's flags on ``flag_values`` (the command calls it once, before parsing)."""
-  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", flag_values=flag_values,
-                                  lock_config=True)
+  cli.define_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", flag_values=flag_values)
   flags.DEFINE_list("strategies", None, "Comma-separated train.strategy values, e.g. finetune,joint,ewc+replay.",
                     flag_values=flag_values, required=True)
   flags.DEFINE_string("workdir", None, "Folder of the sweep: one run folder per run, and the comparison.",
@@ -300,4 +298,4 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

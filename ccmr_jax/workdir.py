@@ -11,6 +11,8 @@ A workdir (a local folder or a ``gs://`` prefix) holds one run:
   embeddings/snapshot_SS/task_KK.npz
                                  task k's evaluation split embedded by S_s,
                                  with the ground-truth links (see README: exported embeddings)
+  galleries/task_KK.json         what task k's gallery holds: image ids, caption texts, which
+                                 image each caption describes (the rows of its indexes)
   index/snapshot_SS/task_KK/{images,captions}/
                                  ScaNN searchers over those embeddings (task-aware search)
   index/union/POLICY/after_task_TT/{images,captions}/
@@ -40,7 +42,7 @@ from typing import Iterator
 
 import ml_collections
 
-from ccmr_jax import files
+from ccmr_jax import files, manifest
 from ccmr_jax.cli import UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -83,6 +85,10 @@ def embeddings_path(workdir: str, snapshot: int, task: int) -> str:
   return os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz")
 
 
+def gallery_path(workdir: str, task: int) -> str:
+  return os.path.join(workdir, "galleries", f"task_{task:02d}.json")
+
+
 def index_dir(workdir: str, snapshot: int, task: int, gallery: str) -> str:
   return os.path.join(workdir, "index", f"snapshot_{snapshot:02d}", f"task_{task:02d}", gallery)
 
@@ -118,7 +124,7 @@ def tensorboard_dir(workdir: str) -> str:
 def first_unfinished_task(workdir: str, num_tasks: int) -> int:
   """The first task without a written evaluation: where a rerun resumes (``num_tasks`` when all are done)."""
   t = 0
-  while t < num_tasks and files.exists(evaluation_path(workdir, t)):
+  while t < num_tasks and manifest.is_sealed(evaluation_path(workdir, t)):
     t += 1
   return t
 
@@ -166,14 +172,14 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, allow_config_change
   _check_writable(workdir, process_index)
   new = config_json(config)
   differences = []
-  if files.exists(config_path(workdir)):
-    differences = config_differences(files.read_json(config_path(workdir)), new)
+  if manifest.is_sealed(config_path(workdir)):
+    differences = config_differences(manifest.read_json(config_path(workdir)), new)
     if differences and not allow_config_change:
       raise UserError(f"workdir {workdir} holds a run with another config:\n  " + "\n  ".join(differences)
                       + "\nUse a new --workdir, delete this one to start over, or pass --allow_config_change "
                       "to resume it under the new config.")
-  if process_index == 0 and (not files.exists(config_path(workdir)) or allow_config_change):
-    files.atomic_write_json(config_path(workdir), new)
+  if process_index == 0 and (not manifest.is_sealed(config_path(workdir)) or allow_config_change):
+    manifest.write_json(config_path(workdir), new)
   return differences
 
 

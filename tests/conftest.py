@@ -1,12 +1,27 @@
-"""Test setup: 8 fake CPU devices, so sharded code runs as on an 8-chip host."""
+"""Test setup: 8 fake CPU devices, so sharded code runs as on an 8-chip host.
 
+Every test in this process shares one persistent compilation cache: runs of
+the same config build new jitted closures of the same programs, and the cache
+compiles each program once (it hands back the same executable, so the same
+numbers).
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="ccmr_jax_test_compilation_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from ccmr_jax.data.examples import Examples  # noqa: E402
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ccmr_jax import analysis, files, metrics
+from ccmr_jax import analysis, manifest, metrics
 
 
 def _circle(degrees, dims=2):
@@ -101,7 +101,7 @@ def fake_workdir(tmp_path_factory):
   task_vectors = {(0, 0): _circle([0, 90], 3), (1, 0): _circle([THETA, 90 + THETA], 3),
                   (1, 1): np.array([[0, 0, 1], _circle([W_ANGLE], 3)[0]], np.float32)}
   for (snapshot, task), vectors in task_vectors.items():
-    files.atomic_save_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz"),
+    manifest.save_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz"),
                           images=vectors, captions=vectors, image_ids=np.arange(2) + 10 * task,
                           caption_image=np.arange(2))
   return workdir

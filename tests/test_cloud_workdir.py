@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from ccmr_jax import experiment, files, index, report
+from ccmr_jax import experiment, files, index, integrity, manifest, report
 from ccmr_jax import workdir as layout
 from configs import tiny
 
@@ -34,12 +34,15 @@ def bucket():
 def test_files_round_trip_on_cloud_storage(bucket):
   files.atomic_write_json(f"{bucket}/eval/a.json", {"x": 1})
   assert files.read_json(f"{bucket}/eval/a.json") == {"x": 1}
-  files.atomic_save_npz(f"{bucket}/e.npz", images=np.eye(3, dtype=np.float32))
-  np.testing.assert_array_equal(files.load_npz(f"{bucket}/e.npz")["images"], np.eye(3))
-  assert files.listdir(bucket) == ["e.npz", "eval"]
+  manifest.save_npz(f"{bucket}/e.npz", images=np.eye(3, dtype=np.float32))
+  np.testing.assert_array_equal(manifest.load_npz(f"{bucket}/e.npz")["images"], np.eye(3))
+  assert files.listdir(bucket) == ["e.npz", "e.npz.manifest.json", "eval"]
+  files.atomic_write_bytes(f"{bucket}/e.npz", b"not the bytes its manifest describes")
+  with pytest.raises(manifest.DamagedError, match="e.npz has 36 bytes, its manifest says"):
+    manifest.load_npz(f"{bucket}/e.npz")
   assert files.absolute(bucket) == bucket
   with pytest.raises(TypeError, match="dtype object"):
-    files.atomic_save_npz(f"{bucket}/bad.npz", names=np.array([{"a": 1}], dtype=object))
+    manifest.save_npz(f"{bucket}/bad.npz", names=np.array([{"a": 1}], dtype=object))
 
 
 def test_a_scann_index_saves_to_and_loads_from_cloud_storage(bucket):
@@ -48,9 +51,14 @@ def test_a_scann_index_saves_to_and_loads_from_cloud_storage(bucket):
   gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
   path = index.save_searcher(index.build_searcher(gallery, 5), f"{bucket}/index/snapshot_00/task_00/images")
   names = files.listdir(path)
-  assert "ccmr_index.json" in names and "scann_assets.pbtxt" in names
+  assert "ccmr_index.json" in names and "scann_assets.pbtxt" in names and manifest.FOLDER_MANIFEST in names
   rows, _ = index.search(index.load_searcher(path), gallery[:20], 5)
   np.testing.assert_array_equal(rows[:, 0], np.arange(20))
+  assert [(f.artifact.kind, f.status) for f in integrity.scan(bucket)] == [("index", "sound")]
+  files.atomic_write_bytes(f"{path}/dataset.npy", b"flipped")
+  assert [(f.artifact.kind, f.status) for f in integrity.scan(bucket)] == [("index", "damaged")]
+  with pytest.raises(manifest.DamagedError, match="dataset.npy has 7 bytes"):
+    index.load_searcher(path)
 
 
 def test_workdir_checks_and_report_files_on_cloud_storage(bucket):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ccmr_jax import compare, files, metrics, policies, report
+from ccmr_jax import compare, manifest, metrics, policies, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = metrics.metric_names((1, 5, 10))
@@ -43,7 +43,7 @@ def workdirs(tmp_path):
   paths = []
   for name, results in (("a", _results("finetune", BASE)), ("b", _results("finetune", BASE, AGNOSTIC))):
     path = str(tmp_path / name)
-    files.atomic_write_json(os.path.join(path, "results.json"), results)
+    manifest.write_json(os.path.join(path, "results.json"), results)
     paths.append(path)
   return paths
 
@@ -96,10 +96,13 @@ def test_write_comparison_writes_tables_and_plots(workdirs, tmp_path):
 def test_malformed_results_name_the_workdir(workdirs, tmp_path):
   broken = tmp_path / "broken"
   broken.mkdir()
-  (broken / "results.json").write_text("{not json")
-  with pytest.raises(compare.CompareError, match=f"cannot read {broken}"):
+  manifest.write_text(str(broken / "results.json"), "{not json")
+  with pytest.raises(compare.CompareError, match=f"cannot read {broken}.*not valid JSON"):
     compare.load_run(str(broken))
-  files.atomic_write_json(str(broken / "results.json"), {"config": {"train": {"strategy": "x"}}, "tasks_trained": 1})
+  (broken / "results.json").write_text("{}")  # damaged after it was written: its manifest tells
+  with pytest.raises(compare.CompareError, match=f"cannot read {broken}.*its manifest says"):
+    compare.load_run(str(broken))
+  manifest.write_json(str(broken / "results.json"), {"config": {"train": {"strategy": "x"}}, "tasks_trained": 1})
   with pytest.raises(compare.CompareError, match="malformed: it has no 'policies'"):
     compare.load_run(str(broken))
   with pytest.raises(compare.CompareError, match="given twice"):
@@ -133,10 +136,10 @@ def test_replicates_differing_only_in_seed_and_task_order_are_averaged_with_thei
     results["config"].update(seed=seed, data={"source": "scenes", "scenes": {"seed": seed}, "task_order": [seed]})
     results["zero_shot"] = {"mean_r1": [10.0 + seed, 20.0]}
     paths.append(str(tmp_path / f"finetune_seed={seed}"))
-    files.atomic_write_json(os.path.join(paths[-1], "results.json"), results)
+    manifest.write_json(os.path.join(paths[-1], "results.json"), results)
   other = _results("ewc", BASE)  # another strategy: its own group
   paths.append(str(tmp_path / "ewc"))
-  files.atomic_write_json(os.path.join(paths[-1], "results.json"), other)
+  manifest.write_json(os.path.join(paths[-1], "results.json"), other)
   runs = compare.load_runs(paths)
   rows = compare.aggregate_rows(runs, compare.comparison_rows(runs))
   assert [(r["group"], r["policy"], r["n"]) for r in rows] == [
@@ -161,7 +164,7 @@ def test_groups_of_the_same_name_are_told_apart_by_their_folder(tmp_path):
       results = _results(strategy, BASE)
       results["config"]["seed"] = seed
       paths.append(str(tmp_path / folder / f"finetune_seed={seed}"))
-      files.atomic_write_json(os.path.join(paths[-1], "results.json"), results)
+      manifest.write_json(os.path.join(paths[-1], "results.json"), results)
   runs = compare.load_runs(paths)
   groups = [(r["group"], r["n"]) for r in compare.aggregate_rows(runs, compare.comparison_rows(runs))]
   assert groups == [("pretrained/finetune", 2)] * 2 + [("scratch/finetune", 2)] * 2

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccmr_jax import experiment, files
+from ccmr_jax import experiment, files, manifest
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
 
@@ -34,7 +34,7 @@ def test_the_run_writes_every_stage_output(finished_run):
                "index/union/no_reindex/after_task_01/images", "eval/after_task_01.json"):
     assert os.path.exists(os.path.join(workdir, path)), path
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
-  arrays = files.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
+  arrays = manifest.load_npz(os.path.join(workdir, "embeddings", "snapshot_01", "task_00.npz"))
   assert arrays["images"].shape[1] == 32 and arrays["captions"].shape[0] == len(arrays["caption_image"])
   assert json.load(open(os.path.join(workdir, "results.json"))) == json.loads(json.dumps(results))
 
@@ -60,7 +60,7 @@ def test_exported_embeddings_recompute_every_reported_cell(finished_run):
   stored = {}
   for snapshot in (0, 1):
     for task in range(snapshot + 1):
-      arrays = files.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz"))
+      arrays = manifest.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{snapshot:02d}", f"task_{task:02d}.npz"))
       assert (arrays["images"].dtype, arrays["captions"].dtype) == (np.float32, np.float32)
       assert (arrays["image_ids"].dtype, arrays["caption_image"].dtype) == (np.int64, np.int64)
       assert arrays["caption_text_ids"].dtype == np.int32
@@ -210,8 +210,8 @@ def test_an_unwritable_workdir_is_refused(tmp_path):
 def _copy_without_last_evaluation(workdir: str, copy: str) -> None:
   """A copy of a finished run as if killed while evaluating task 1."""
   shutil.copytree(workdir, copy)
-  os.remove(os.path.join(copy, "eval", "after_task_01.json"))
-  os.remove(os.path.join(copy, "results.json"))
+  manifest.remove_file(os.path.join(copy, "eval", "after_task_01.json"))
+  manifest.remove_file(os.path.join(copy, "results.json"))
 
 
 def test_allow_config_change_resumes_a_workdir_under_a_new_config(finished_run, tmp_path):
@@ -277,12 +277,19 @@ def test_a_corrupt_snapshot_stops_the_resumed_program_with_the_fix(finished_run,
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", f"--workdir={copy}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "snapshot for task 1 at" in proc.stderr and "delete that folder to retrain task 1" in proc.stderr
+  [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert f"{copy}/snapshots/task_01 is damaged" in line and "--repair to retrain task 1" in line
   assert "Traceback" not in proc.stderr
 
 
+def _sealed_as_is(path: str, images: np.ndarray) -> str:
+  np.savez(path, images=images)
+  manifest.seal(path)
+  return path
+
+
 def test_a_crafted_pickle_in_the_workdir_is_refused_not_run(finished_run, tmp_path):
-  workdir, _ = finished_run
+  workdir, results = finished_run
   copy = str(tmp_path / "copy")
   _copy_without_last_evaluation(workdir, copy)
   marker = tmp_path / "executed"
@@ -293,8 +300,10 @@ def test_a_crafted_pickle_in_the_workdir_is_refused_not_run(finished_run, tmp_pa
 
   crafted = os.path.join(copy, "embeddings", "snapshot_00", "task_00.npz")
   np.savez(crafted, images=np.array([Payload()], dtype=object))
-  with pytest.raises(experiment.UserError, match=r"task_00.npz is not a readable .npz of plain arrays"):
-    experiment.run(tiny.get_config(), copy)
+  assert experiment.run(tiny.get_config(), copy)["policies"] == results["policies"]  # seen damaged, recomputed
+  assert not marker.exists()
+  with pytest.raises(files.CorruptFileError, match=r"task_00.npz is not a readable .npz of plain arrays"):
+    manifest.load_npz(_sealed_as_is(crafted, np.array([Payload()], dtype=object)))  # even under a valid manifest
   assert not marker.exists()
 
 
@@ -316,6 +325,7 @@ def test_reevaluate_scores_the_same_snapshots_on_another_split_without_training(
   untrained = tmp_path / "untrained"
   untrained.mkdir()
   for name in ("config.json", "tokenizer.json"):
-    shutil.copy(os.path.join(workdir, name), untrained / name)
+    for part in (name, name + manifest.SIDECAR_SUFFIX):
+      shutil.copy(os.path.join(workdir, part), untrained / part)
   with pytest.raises(experiment.UserError, match="has no snapshot yet"):
     reevaluate.prepare(str(untrained), str(tmp_path / "x"), "val")

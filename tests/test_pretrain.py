@@ -55,7 +55,7 @@ def test_a_damaged_folder_is_named_and_a_damaged_cache_is_rebuilt(pretrained, tm
   with open(os.path.join(damaged, pretrain.WEIGHTS_FILE), "r+b") as f:
     f.seek(200)
     f.write(b"\0" * 64)
-  with pytest.raises(files.CorruptFileError, match="does not match the sha256"):
+  with pytest.raises(files.CorruptFileError, match="does not match the SHA-256 in its manifest"):
     pretrain.load_pretrained(damaged)
   config = tiny_pretrained.get_config()
   config.model.init_from = damaged

@@ -57,8 +57,9 @@ def test_a_run_killed_mid_task_and_mid_evaluation_resumes_to_the_same_numbers(tm
   evaluation = os.path.join(workdir, "eval", "after_task_01.json")
 
   def mid_task_1():
-    # Orbax writes into a temporary folder and renames it to step_N when complete.
-    return os.path.isdir(progress) and any(re.fullmatch(r"step_\d+", name) for name in os.listdir(progress))
+    # Orbax writes into a temporary folder and renames it to step_N when complete; its manifest comes last.
+    return os.path.isdir(progress) and any(re.fullmatch(r"step_\d+", name) and os.path.exists(
+        os.path.join(progress, name, "MANIFEST.json")) for name in os.listdir(progress))
 
   _kill_when(_start(workdir, str(tmp_path / "1.log"), cache), mid_task_1, "a progress checkpoint of task 1")
   assert not os.path.exists(snapshot), "killed too late: task 1 had finished"

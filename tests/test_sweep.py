@@ -6,7 +6,7 @@ import os
 import pytest
 from absl import flags
 
-from ccmr_jax import experiment, metrics, policies, report, sweep
+from ccmr_jax import experiment, manifest, metrics, policies, report, sweep
 from ccmr_jax.continual.strategies import continual_defaults
 from configs import tiny
 
@@ -41,8 +41,7 @@ def stub_runs(monkeypatch):
     run_info = {"config": json.loads(config.to_json()), "tasks": [{"index": 0, "name": "t0", "categories": [],
                                                                     "counts": {}}]}
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(report.build_results([evaluation], METRICS, run_info), f)
+    manifest.write_json(os.path.join(workdir, "results.json"), report.build_results([evaluation], METRICS, run_info))
 
   monkeypatch.setattr(experiment, "run", fake_run)
   return calls

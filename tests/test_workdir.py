@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ccmr_jax import files
+from ccmr_jax import files, manifest
 from ccmr_jax import workdir as layout
 from ccmr_jax.cli import UserError
 from configs import tiny
@@ -34,9 +34,9 @@ def test_the_resume_point_is_the_first_task_without_an_evaluation(tmp_path):
   root = str(tmp_path)
   assert layout.first_unfinished_task(root, 3) == 0
   for t in (0, 1):
-    files.atomic_write_json(layout.evaluation_path(root, t), {})
+    manifest.write_json(layout.evaluation_path(root, t), {})
   assert layout.first_unfinished_task(root, 3) == 2
-  files.atomic_write_json(layout.evaluation_path(root, 2), {})
+  manifest.write_json(layout.evaluation_path(root, 2), {})
   assert layout.first_unfinished_task(root, 3) == 3
 
 

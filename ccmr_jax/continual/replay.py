@@ -28,7 +28,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ccmr_jax import files
+from ccmr_jax import files, manifest
 from ccmr_jax.data.batches import PairSampler, caption_text_ids
 from ccmr_jax.data.examples import Examples, concatenate
 from ccmr_jax.data.images import decode_ahead
@@ -210,7 +210,7 @@ class ReplayMemory:
 
   def save(self, path: str) -> None:
     """Writes :meth:`to_arrays` to ``path`` (``.npz``, all-or-nothing)."""
-    files.atomic_save_npz(path, **self.to_arrays())
+    manifest.save_npz(path, **self.to_arrays())
 
   @classmethod
   def load(cls, path: str) -> "ReplayMemory":
@@ -220,7 +220,7 @@ class ReplayMemory:
       files.CorruptFileError: the file is not such a memory.
     """
     try:
-      return cls.from_arrays(files.load_npz(path))
+      return cls.from_arrays(manifest.load_npz(path))
     except files.CorruptFileError:
       raise
     except ValueError as e:

@@ -306,6 +306,12 @@ def _make_split(spec: SceneSpec, count: int, split_index: int, captions_per_imag
   )
 
 
+def make_split(spec: SceneSpec, split: str) -> Examples:
+  """One split of :func:`make_scenes` alone, the same images and captions (each split has its own generator)."""
+  counts = {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
+  return _make_split(spec, counts[split], list(counts).index(split))
+
+
 def make_scenes(spec: SceneSpec) -> Dataset:
   """Generates the three splits of the synthetic scenes dataset.
 

@@ -37,7 +37,7 @@ from absl import logging
 
 from ccmr_jax.data import coco, flickr30k, images
 from ccmr_jax.data.examples import SPLITS, Dataset, Examples, concatenate
-from ccmr_jax.data.scenes import SceneSpec, make_scenes
+from ccmr_jax.data.scenes import SceneSpec, make_scenes, make_split
 
 DATA_SOURCES = ("scenes", "flickr30k", "coco")
 TFDS_NAMES = {"flickr30k": "flickr30k", "coco": "coco_captions/2014"}
@@ -92,6 +92,17 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   if source == "coco":
     return _load_coco(config.data)
   raise DataError(f"unknown data.source {source!r}; choose one of {list(DATA_SOURCES)}")
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> Examples:
+  """One split of the dataset of ``config.data`` (the synthetic scenes generate only that split).
+
+  Raises:
+    DataError: as :func:`load_dataset`.
+  """
+  if config.data.source == "scenes":
+    return make_split(SceneSpec(**config.data.scenes), split)
+  return load_dataset(config).splits[split]
 
 
 def not_prepared_message(source: str, data_dir: str, manual_dir: str = "") -> str:
