@@ -27,9 +27,6 @@ from ccmr_jax import cli, files, integrity, manifest
 from ccmr_jax import workdir as layout
 from ccmr_jax.continual.strategies import parse_strategy
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The workdir to check (local folder or gs:// prefix).", required=True)
-_SEAL = flags.DEFINE_bool("seal", False, "Record manifests for artifacts that have none (a workdir made before "
-                          "manifests), trusting them as they are.")
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -74,12 +71,12 @@ def seal_unsealed(workdir: str, findings: list[integrity.Finding]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
-  workdir = _WORKDIR.value
+  workdir = flags.FLAGS.workdir
   if not files.is_dir(workdir):
     raise cli.UserError(f"no workdir at {workdir}")
   start = time.perf_counter()
   findings = integrity.scan(workdir)
-  if _SEAL.value:
+  if flags.FLAGS.seal:
     sealed = seal_unsealed(workdir, findings)
     print(f"sealed {len(sealed)} artifacts" + "".join(f"\n  {relative}" for relative in sealed))
     findings = integrity.scan(workdir)
@@ -94,5 +91,8 @@ def main(argv: Sequence[str]) -> None:
   raise SystemExit(0 if sound == len(findings) else 1)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flags exist only in the command
+  flags.DEFINE_string("workdir", None, "The workdir to check (local folder or gs:// prefix).", required=True)
+  flags.DEFINE_bool("seal", False, "Record manifests for artifacts that have none (a workdir made before "
+                    "manifests), trusting them as they are.")
   cli.run(main)

@@ -209,3 +209,21 @@ def test_verify_lists_the_damage_and_its_exit_status_says_whether_the_workdir_is
   assert _listing(copy) == damaged, "verify must change nothing"
   missing = verify(str(tmp_path / "nowhere"))
   assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+
+
+def test_verify_seal_trusts_a_workdir_written_before_manifests(finished, tmp_path):
+  workdir, _ = finished
+  legacy = str(tmp_path / "legacy")
+  shutil.copytree(workdir, legacy)
+  for root, _, names in os.walk(legacy):
+    for name in names:
+      if name.endswith(manifest.SIDECAR_SUFFIX) or name == manifest.FOLDER_MANIFEST:
+        os.remove(os.path.join(root, name))
+  with pytest.raises(experiment.UserError, match="config.json has no manifest: .* --seal"):
+    experiment.run(_config(), legacy)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  sealed = subprocess.run([sys.executable, "-m", "ccmr_jax.verify", f"--workdir={legacy}", "--seal"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert sealed.returncode == 0, sealed.stdout[-2000:] + sealed.stderr[-2000:]
+  assert f"sealed {len(integrity.scan(workdir))} artifacts" in sealed.stdout
+  assert all(f.status == "sound" for f in integrity.scan(legacy))
