@@ -83,8 +83,13 @@ class Gallery:
     return cls(task, np.asarray(data["image_ids"], np.int64), tuple(data["captions"]),
                np.asarray(data["caption_image"], np.int64))
 
+  @functools.cached_property
+  def normalized(self) -> tuple[str, ...]:
+    """Each caption's normalised text, computed once (the ground truth compares these)."""
+    return tuple(normalize_caption(c) for c in self.captions)
+
   def texts_of_image(self, row: int) -> set[str]:
-    return {normalize_caption(c) for c, i in zip(self.captions, self.caption_image) if i == row}
+    return {text for text, i in zip(self.normalized, self.caption_image) if i == row}
 
 
 def _abstract_params(model, config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh):
@@ -152,7 +157,7 @@ class StoredGalleries:
 
   def _truth_t2i(self, text: str, texts_of_image: set[str]) -> bool | None:
     wanted = normalize_caption(text)
-    if not any(wanted == normalize_caption(c) for g in self.galleries for c in g.captions):
+    if not any(wanted in g.normalized for g in self.galleries):
       return None
     return wanted in texts_of_image
 
