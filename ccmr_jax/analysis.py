@@ -2,7 +2,7 @@
 
 Reads the test embeddings a run writes (``embeddings/snapshot_SS/task_KK.npz``:
 task ``k``'s test split embedded by snapshot ``S_s`` for every ``s >= k``) and
-measures, with numpy only, the three effects the paper's analysis separates:
+measures, in numpy (exact searches through :mod:`ccmr_jax.exact`), the three effects the paper's analysis separates:
 
   * drift — how far ``S_t`` moved an old task's vectors from where ``S_k``
     put them, and whether it kept their neighbourhoods;
@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from ccmr_jax import files, manifest, policies
 from ccmr_jax import workdir as layout
-from ccmr_jax.metrics import exact_top_k, unit_rows
+from ccmr_jax.exact import top_k as exact_top_k
+from ccmr_jax.metrics import unit_rows
 
 MODALITIES = ("images", "captions")
 # Direction → (modality of the queries, modality of the gallery).

@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ccmr_jax import files, index, manifest, metrics, sharding
+from ccmr_jax import exact, files, index, manifest, metrics, sharding
 from ccmr_jax import workdir as layout
 from ccmr_jax.data.examples import Examples, caption_text_ids
 from ccmr_jax.data.tokenizer import Tokenizer
@@ -108,7 +108,7 @@ def search_both_ways(queries: EmbeddedSplit, searchers: Searchers, gallery: Embe
   """i2t and t2i top-``k`` rows; with an approximate index, also its agreement with exact search."""
   i2t_rows, _ = index.search(searchers.captions, queries.images, k)
   t2i_rows, _ = index.search(searchers.images, queries.captions, k)
-  agreements = [index.agreement(rows, metrics.exact_top_k(gallery_part, query_part, rows.shape[1]))
+  agreements = [index.agreement(rows, exact.top_k(gallery_part, query_part, rows.shape[1]))
                 for searcher, rows, gallery_part, query_part in
                 ((searchers.captions, i2t_rows, gallery.captions, queries.images),
                  (searchers.images, t2i_rows, gallery.images, queries.captions))

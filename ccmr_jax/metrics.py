@@ -34,7 +34,6 @@ SCOPES = {"task_aware": "policies", "task_agnostic": "policies_agnostic"}
 DIRECTIONS = ("i2t", "t2i")
 HEADLINE = "mean_r1"
 ANN_AGREEMENT = "ann_agreement"
-_BLOCK_ROWS = 1024  # query rows per similarity block: bounds memory at _BLOCK_ROWS × gallery size
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -138,33 +137,6 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
   if vectors.ndim != 2:
     raise ValueError(f"expected a [N, D] array of vectors, got shape {vectors.shape}")
   return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
-def exact_top_k(gallery: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool = False) -> np.ndarray:
-  """Gallery rows of the ``k`` largest inner products of each query, best first: exact search.
-
-  Args:
-    gallery: ``[G, D]``.
-    queries: ``[Q, D]``.
-    k: rows per query; clamped to ``G`` (``G - 1`` with ``exclude_self``).
-    exclude_self: the queries are the gallery itself; row ``i`` never returns ``i``.
-
-  Returns:
-    int64 ``[Q, k]``; equal scores among the returned rows are ordered by
-    gallery row (which of several rows tied at the ``k``-th score is
-    returned is left to ``np.argpartition``).
-  """
-  k = min(k, len(gallery) - int(exclude_self))
-  out = np.empty((len(queries), k), np.int64)
-  for start in range(0, len(queries), _BLOCK_ROWS):
-    scores = queries[start:start + _BLOCK_ROWS] @ gallery.T
-    if exclude_self:
-      rows = np.arange(len(scores))
-      scores[rows, start + rows] = -np.inf
-    candidates = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
-    order = np.argsort(-np.take_along_axis(scores, candidates, axis=1), axis=1, kind="stable")
-    out[start:start + len(scores)] = np.take_along_axis(candidates, order, axis=1)
-  return out
 
 
 def continual_summary(matrix: np.ndarray) -> dict:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ccmr_jax import evaluate, index, metrics
+from ccmr_jax import evaluate, exact, index, metrics
 from ccmr_jax.evaluate import Searchers
 from ccmr_jax.policies import EmbeddedSplit
 from conftest import captioned_examples
@@ -56,12 +56,12 @@ def test_approximate_index_reports_its_agreement_with_exact_search():
   assert searcher.mode == "approximate"
   assert index.build_searcher(gallery[:500], 10, mode="auto", ann_threshold=10_000).mode == "exact"
   rows, _ = index.search(searcher, queries, 10)
-  exact = metrics.exact_top_k(gallery, queries, 10)
-  value = index.agreement(rows, exact)
+  exact_rows = exact.top_k(gallery, queries, 10)
+  value = index.agreement(rows, exact_rows)
   assert 0.9 <= value <= 1.0
-  assert index.agreement(exact, exact) == 1.0
+  assert index.agreement(exact_rows, exact_rows) == 1.0
   with pytest.raises(ValueError, match="one row per query"):
-    index.agreement(rows[:5], exact)
+    index.agreement(rows[:5], exact_rows)
   truth = metrics.GroundTruth.from_captions([f"c{i}" for i in range(20_000)], np.arange(20_000))
   values = evaluate.query_gallery(EmbeddedSplit(queries, queries), Searchers(searcher, searcher),
                                   EmbeddedSplit(gallery, gallery), truth, (1, 5, 10))

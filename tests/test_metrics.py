@@ -45,31 +45,6 @@ def test_continual_summary_formulas():
   assert one["forgetting"] is None and one["bwt"] is None and one["final_average"] == 42.0
 
 
-def test_exact_top_k_returns_the_best_scores_with_ties_in_gallery_order():
-  rng = np.random.default_rng(3)
-  gallery = rng.integers(-2, 3, size=(300, 4)).astype(np.float32)  # few distinct values: many ties
-  queries = rng.integers(-2, 3, size=(2100, 4)).astype(np.float32)  # more than one block of query rows
-  scores = queries @ gallery.T
-  rows = metrics.exact_top_k(gallery, queries, 7)
-  got = np.take_along_axis(scores, rows, axis=1)
-  np.testing.assert_array_equal(got, -np.sort(-scores, axis=1)[:, :7])  # the 7 best scores, best first
-  assert all(len(set(r)) == 7 for r in rows)
-  tied = got[:, 1:] == got[:, :-1]
-  assert (rows[:, 1:][tied] > rows[:, :-1][tied]).all()  # equal scores among the returned rows: by gallery row
-  assert metrics.exact_top_k(gallery, queries[:3], 1000).shape == (3, 300)
-
-
-def test_exact_top_k_can_leave_each_row_out_of_its_own_results():
-  rng = np.random.default_rng(4)
-  items = metrics.unit_rows(rng.normal(size=(50, 8)))
-  rows = metrics.exact_top_k(items, items, 5, exclude_self=True)
-  assert not (rows == np.arange(50)[:, None]).any()
-  scores = items @ items.T
-  np.fill_diagonal(scores, -np.inf)
-  np.testing.assert_array_equal(rows, np.argsort(-scores, axis=1, kind="stable")[:, :5])
-  assert metrics.exact_top_k(items, items, 100, exclude_self=True).shape == (50, 49)
-
-
 def test_unit_rows():
   rows = metrics.unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
   np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])

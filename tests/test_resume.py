@@ -16,8 +16,8 @@ OVERRIDES = ("--config.train.epochs_per_task=3", "--config.train.checkpoint_ever
 
 def _start(workdir: str, log_path: str, cache_dir: str) -> subprocess.Popen:
   # The runs share a compilation cache: only the first one compiles (the same executables, the same numbers).
-  # One CPU device: sharded steps are tested elsewhere (test_sharding, the 8-device runs). With several fake
-  # devices on a loaded 2-core machine, XLA's CPU runtime was seen to deadlock in an all-gather of the LwF step.
+  # One CPU device: sharded steps are tested elsewhere (test_sharding, the 8-device runs, LwF on 2 devices in
+  # test_experiment). On 2+ devices the LwF step loaded from this shared cache deadlocks in XLA:CPU (jax 0.10.2).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
