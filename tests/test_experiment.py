@@ -200,9 +200,9 @@ def test_a_continual_strategy_trains_and_saves_its_state(tmp_path):
 
 
 def test_lwf_trains_sharded_over_two_devices(tmp_path):
-  # Without a persistent compilation cache: on jax 0.10.2, XLA:CPU steps holding several independent
-  # all-gathers deadlock on 2+ devices when loaded from that cache (the LwF step does; a fresh compile never
-  # did in 3,000 steps and 14 runs on 2 and 8 devices). A hang fails this test through its timeout.
+  # Without a persistent compilation cache: on jax 0.10.2 the LwF step, loaded from that cache, deadlocks in
+  # XLA:CPU's all-gathers on 2 devices (a fresh compile never did in 3,000 steps and 14 runs on 2 and 8
+  # devices). A hang fails this test through its timeout.
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   workdir = str(tmp_path / "run")
