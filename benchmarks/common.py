@@ -36,6 +36,16 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+  """The widest x86 vector extension the CPU reports (``avx512f``, ``avx2``, ...), else the machine."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    flags = []
+  return next((isa for isa in ("avx512f", "avx2", "avx") if isa in flags), platform.machine())
+
+
 def machine_info() -> dict:
   """The machine, the software and the load, for the header of every figure."""
   import jax
@@ -43,6 +53,7 @@ def machine_info() -> dict:
   return {
       "date": datetime.date.today().isoformat(),
       "cpu": cpu_model(),
+      "isa": cpu_isa(),
       "cores": available_cores(),
       "load_average_1m": round(os.getloadavg()[0], 2),
       "python": platform.python_version(),

@@ -89,12 +89,30 @@ class Searchers(NamedTuple):
   captions: index.Searcher
 
 
-def build_and_save_indexes(gallery: EmbeddedSplit, paths: Callable[[str], str],
+def build_searchers(gallery: EmbeddedSplit, queries: EmbeddedSplit, config: ml_collections.ConfigDict) -> Searchers:
+  """The two indexes of ``gallery``; approximate ones are tuned on the ``queries`` that will search them.
+
+  The images index answers caption queries and the captions index image
+  queries, so each is tuned (:func:`ccmr_jax.index.tune`) on the other
+  modality of ``queries`` to ``eval.ann_recall_target``.
+  """
+  built = []
+  for embeddings, tuning in zip(gallery, (queries.captions, queries.images)):
+    built.append(index.build_searcher(embeddings, max(config.eval.ks), config.eval.index_mode,
+                                      config.eval.ann_threshold, recall_target=recall_target(config),
+                                      tuning_queries=tuning))
+  return Searchers(*built)
+
+
+def recall_target(config: ml_collections.ConfigDict) -> float:
+  """``eval.ann_recall_target``; a run configured before it existed gets the default."""
+  return config.eval.get("ann_recall_target", index.DEFAULT_RECALL_TARGET)
+
+
+def build_and_save_indexes(gallery: EmbeddedSplit, queries: EmbeddedSplit, paths: Callable[[str], str],
                            config: ml_collections.ConfigDict) -> None:
-  """Builds the two indexes of ``gallery`` and saves each at ``paths(name)`` (name: images, captions)."""
-  for name, embeddings in zip(layout.GALLERIES, gallery):
-    searcher = index.build_searcher(embeddings, max(config.eval.ks), config.eval.index_mode,
-                                    config.eval.ann_threshold)
+  """Builds the two indexes of ``gallery`` (see :func:`build_searchers`) and saves each at ``paths(name)``."""
+  for name, searcher in zip(layout.GALLERIES, build_searchers(gallery, queries, config)):
     index.save_searcher(searcher, paths(name))
 
 
@@ -154,7 +172,7 @@ def export_and_index(t: int, current: Sequence[EmbeddedSplit], splits: Sequence[
     manifest.save_npz(layout.embeddings_path(workdir, t, k), images=embedded.images, captions=embedded.captions,
                           image_ids=split.image_ids, caption_image=split.caption_image,
                           caption_text_ids=caption_text_ids(split.captions))
-    build_and_save_indexes(embedded, functools.partial(layout.index_dir, workdir, t, k), config)
+    build_and_save_indexes(embedded, embedded, functools.partial(layout.index_dir, workdir, t, k), config)
 
 
 def stored_gallery(policy: IndexingPolicy, k: int, t: int, current: Sequence[EmbeddedSplit],
@@ -185,7 +203,8 @@ def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedS
                                        ks)
   union = EmbeddedSplit(*(np.concatenate(part) for part in zip(*galleries)))
   union_paths = functools.partial(layout.union_index_dir, workdir, policy.name, t)
-  build_and_save_indexes(union, union_paths, config)
+  build_and_save_indexes(union, EmbeddedSplit(*(np.concatenate(part) for part in zip(*queries))), union_paths,
+                         config)
   union_searchers = load_searchers(union_paths)
   union_truth = metrics.UnionGallery.from_tasks(splits[:t + 1])
   task_agnostic = {}
@@ -206,7 +225,8 @@ def evaluate_after_task(t: int, params, splits: Sequence[Examples], tokenizer: T
     tokenizer: the run's tokenizer.
     embedders: from :func:`make_embedders`.
     workdir: where embeddings and indexes are written (by process 0).
-    config: the experiment config (``eval.ks``, ``eval.index_mode``, ``eval.ann_threshold``).
+    config: the experiment config (``eval.ks``, ``eval.index_mode``, ``eval.ann_threshold``,
+      ``eval.ann_recall_target``).
 
   Returns:
     ``{scope: {policy: {str(k): metrics}}}``; empty dicts on processes other than 0.
@@ -236,8 +256,7 @@ def evaluate_zero_shot(params, splits: Sequence[Examples], tokenizer: Tokenizer,
   for k, split in enumerate(splits):
     embedded = embedders.embed(params, split, tokenizer)
     if jax.process_index() == 0:
-      searchers = Searchers(*(index.build_searcher(part, max(config.eval.ks), config.eval.index_mode,
-                                                   config.eval.ann_threshold) for part in embedded))
+      searchers = build_searchers(embedded, embedded, config)
       row[str(k)] = query_gallery(embedded, searchers, embedded, metrics.GroundTruth.from_examples(split),
                                   config.eval.ks)
   return row

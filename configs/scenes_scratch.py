@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   # split: the split evaluated after every task ("test", or "val" for sweeps).
   # index_mode: "exact" (ScaNN brute force), "approximate" (tree + AH + reorder, reported with its
   # agreement with exact search), or "auto" (approximate for galleries of ann_threshold items or more).
+  # ann_recall_target: each approximate index searches the fewest leaves and reorders the fewest candidates
+  # that keep its recall@max(ks) against exact search at this target, on a sample of its queries.
   config.eval = ml_collections.ConfigDict(dict(split="test", ks=(1, 5, 10), batch_size=256, index_mode="exact",
-                                               ann_threshold=100_000))
+                                               ann_threshold=100_000, ann_recall_target=0.95))
   return config

@@ -50,10 +50,13 @@ def test_embed_throughput(run):
   assert "| tiny | image |" in out and "| tiny | text |" in out
 
 
-def test_search(run):
-  out = run("search")
-  assert "exact jax, matmul + top_k" in out and "scann" in out
+def test_search(run, tmp_path):
+  plot = tmp_path / "frontier.png"
+  out = run("search", f"--plot={plot}")
+  assert "exact jax, ccmr_jax.exact.top_k" in out and "scann recall-target build" in out
+  assert "ScaNN one-thread query time, least squares: fixed_us=" in out
   assert ("faiss IVF" in out) == PEERS["faiss"]
+  assert plot.read_bytes().startswith(b"\x89PNG")
 
 
 def test_end_to_end(run):

@@ -1,5 +1,6 @@
 """The jax side of evaluation: a task's queries against its gallery, the union gallery, approximate indexes."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -66,3 +67,22 @@ def test_approximate_index_reports_its_agreement_with_exact_search():
   values = evaluate.query_gallery(EmbeddedSplit(queries, queries), Searchers(searcher, searcher),
                                   EmbeddedSplit(gallery, gallery), truth, (1, 5, 10))
   assert values["ann_agreement"] == pytest.approx(value, abs=1e-6)
+
+
+def test_each_index_is_tuned_on_the_other_modality_to_the_configured_target():
+  rng = np.random.default_rng(5)
+  centres = rng.normal(size=(40, 32))
+
+  def draw(count):
+    x = (centres[rng.integers(0, 40, count)] + 0.5 * rng.normal(size=(count, 32))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  gallery, queries = EmbeddedSplit(draw(1500), draw(3000)), EmbeddedSplit(draw(600), draw(700))
+  config = ml_collections.ConfigDict(dict(eval=dict(ks=(1, 10), index_mode="approximate", ann_threshold=100_000,
+                                                    ann_recall_target=0.9)))
+  searchers = evaluate.build_searchers(gallery, queries, config)
+  for searcher, tuning_count in ((searchers.images, 700), (searchers.captions, 600)):  # t2i: captions; i2t: images
+    assert searcher.mode == "approximate" and searcher.settings["tuned_on"] == "queries"
+    assert (searcher.settings["recall_target"], searcher.settings["tuning_queries"]) == (0.9, tuning_count)
+  del config.eval["ann_recall_target"]  # a run configured before the field existed: the default target
+  assert evaluate.build_searchers(gallery, queries, config).images.settings["recall_target"] == 0.95

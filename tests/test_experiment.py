@@ -128,6 +128,7 @@ def test_a_workdir_of_another_config_is_refused(finished_run):
     ("--config.train.batch_size=12", "train.batch_size=12 is not divisible by the 8 devices"),
     ("--config.train.batch_size=0", "train.batch_size must be positive"),
     ("--config.train.checkpoint_every=-5", "train.checkpoint_every must be a whole number of steps"),
+    ("--config.eval.ann_recall_target=1.5", "eval.ann_recall_target must be a recall in (0, 1]"),
     ("--config.model.image_tower=resnet9000", "unknown model.image_tower 'resnet9000'"),
     ("--config.data.unlabeled=own_task", "task 2 (unlabeled) has no image in the train split"),
     ("--config.model.image_tower_weights=/nonexistent/resnet50.npz",
