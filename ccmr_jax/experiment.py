@@ -74,7 +74,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"{path} must be positive, got {config[section][field]!r}")
   if not all(isinstance(k, int) and k > 0 for k in config.eval.ks) or 1 not in config.eval.ks:
     raise UserError(f"eval.ks must be positive integers including 1, got {tuple(config.eval.ks)}")
-  target = config.eval.get("ann_recall_target", index.DEFAULT_RECALL_TARGET)
+  target = evaluate.recall_target(config)
   if not (isinstance(target, (int, float)) and 0 < target <= 1):
     raise UserError(f"eval.ann_recall_target must be a recall in (0, 1], got {target!r}")
   checkpoint_every = config.train.get("checkpoint_every", 0)  # absent (a run made before it existed): none

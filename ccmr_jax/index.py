@@ -95,16 +95,15 @@ def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exac
   embeddings = _checked_vectors(embeddings, "gallery embeddings")
   size = len(embeddings)
   k = min(num_neighbors, size)
-  builder = scann_ops_pybind.builder(embeddings, k, "dot_product")
   if mode == "exact" or (mode == "auto" and size < ann_threshold):
-    return Searcher(builder.score_brute_force().build(), "exact", size, {})
+    return _exact_searcher(embeddings, k, {})
   if size < _MIN_APPROXIMATE_SIZE:
-    return Searcher(builder.score_brute_force().build(), "exact", size,
-                    {"reason": f"fewer than {_MIN_APPROXIMATE_SIZE} items: exact search is as cheap"})
+    return _exact_searcher(embeddings, k, {"reason": f"fewer than {_MIN_APPROXIMATE_SIZE} items: exact search is "
+                                                     "as cheap"})
   if tuning_queries is not None:
     tuning_queries = _checked_vectors(tuning_queries, "tuning queries")
   settings = approximate_settings(size, k)
-  scann = (builder.tree(num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
+  scann = (scann_ops_pybind.builder(embeddings, k, "dot_product").tree(num_leaves=settings["num_leaves"], num_leaves_to_search=settings["num_leaves_to_search"],
                         training_sample_size=settings["training_sample_size"], spherical=True,
                         random_init=False)  # k-means++ centres: the same tree every build (random init is not)
            .score_ah(2, anisotropic_quantization_threshold=0.2)
@@ -112,11 +111,15 @@ def build_searcher(embeddings: np.ndarray, num_neighbors: int, mode: str = "exac
   searcher = Searcher(scann, "approximate", size, settings)
   tuned = tune(searcher, embeddings, tuning_queries, k, recall_target)
   if tuned is None:
-    return Searcher(scann_ops_pybind.builder(embeddings, k, "dot_product").score_brute_force().build(), "exact",
-                    size, {"reason": f"no tried setting reached recall@{k} {recall_target} against exact search",
-                           "recall_target": recall_target})
+    return _exact_searcher(embeddings, k, {"reason": f"no tried setting reached recall@{k} {recall_target} against "
+                                                     "exact search", "recall_target": recall_target})
   searcher.settings = {**settings, **tuned}
   return searcher
+
+
+def _exact_searcher(embeddings: np.ndarray, k: int, settings: dict) -> Searcher:
+  return Searcher(scann_ops_pybind.builder(embeddings, k, "dot_product").score_brute_force().build(), "exact",
+                  len(embeddings), settings)
 
 
 def _checked_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
@@ -151,8 +154,7 @@ def query_cost(setting: dict, size: int, num_leaves: int) -> float:
 
 def recall_lower_bound(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> tuple[float, float]:
   """``(mean, mean - 2·s.e.)`` of the per-query recall ``|A ∩ E| / K``."""
-  k = exact_rows.shape[1]
-  per_query = np.array([len(np.intersect1d(a[:k], e)) / k for a, e in zip(approximate_rows, exact_rows)])
+  per_query = _per_query_recall(approximate_rows, exact_rows)
   mean = float(per_query.mean())
   return mean, mean - 2.0 * float(per_query.std(ddof=1) if len(per_query) > 1 else 1.0) / math.sqrt(len(per_query))
 
@@ -273,6 +275,10 @@ def agreement(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> float:
   if len(approximate_rows) != len(exact_rows):
     raise ValueError(f"agreement needs one row per query in both: got {len(approximate_rows)} approximate "
                      f"and {len(exact_rows)} exact rows")
+  return float(_per_query_recall(approximate_rows, exact_rows).mean()) if len(exact_rows) else 1.0
+
+
+def _per_query_recall(approximate_rows: np.ndarray, exact_rows: np.ndarray) -> np.ndarray:
+  """``|A_q ∩ E_q| / K`` for each query ``q``, ``K`` the width of ``exact_rows``."""
   k = exact_rows.shape[1]
-  hits = [len(np.intersect1d(a[:k], e)) for a, e in zip(approximate_rows, exact_rows)]
-  return float(np.mean(hits) / k) if hits else 1.0
+  return np.array([len(np.intersect1d(a[:k], e)) / k for a, e in zip(approximate_rows, exact_rows)])
