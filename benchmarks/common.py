@@ -172,6 +172,9 @@ class Worker:
     self.info = self._receive()
 
   def _receive(self):
+    while not self._connection.poll(1.0):
+      if not self._process.is_alive():
+        raise WorkerError(f"the worker process died (exit code {self._process.exitcode}) before it answered")
     status, value = self._connection.recv()
     if status != "ok":
       self.close()

@@ -18,12 +18,15 @@ import argparse
 import jax
 
 from benchmarks import common, workloads
-from ccmr_jax import evaluate, sharding
+from ccmr_jax import sharding
 from ccmr_jax.models.dual_encoder import build_model
 
 
 def jax_embedders(workload: workloads.Workload, batch_size: int, num_items: int) -> dict:
   """``{tower: measure}``: each call embeds ``num_items`` items and returns the seconds."""
+  # Imported here, not at the top: open_clip's worker process re-imports this module, and ScaNN's TensorFlow
+  # ops (loaded through ccmr_jax.evaluate) beside PyTorch crash it (a segfault in free()).
+  from ccmr_jax import evaluate
   mesh = sharding.make_mesh()
   model = build_model(workload.model, workload.vocab_size, workload.max_length)
   data = workload.batch(0, batch_size=num_items)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from benchmarks import workloads
+from benchmarks import common, workloads
 
 
 def _create_model(workload: workloads.Workload):
@@ -41,6 +41,39 @@ def _torch_inputs(batch: dict[str, np.ndarray]):
   return images, torch.from_numpy(batch["tokens"]).long()
 
 
+def _training_step(workload: workloads.Workload, learning_rate: float, weight_decay: float, grad_clip: float,
+                   seed: int):
+  """open_clip's model, optimizer and batch; returns ``(model, batch, phases)``.
+
+  ``phases()`` runs one training step as three callables in order: the
+  forward pass with the loss, ``backward()``, and clipping with the optimizer
+  step; the last returns the loss.
+  """
+  import open_clip
+  import torch
+  torch.manual_seed(seed)
+  model = _create_model(workload)
+  batch = workload.batch(seed)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+  loss_fn = open_clip.ClipLoss()
+  state = {}
+
+  def forward():
+    images, texts = _torch_inputs(batch)
+    optimizer.zero_grad(set_to_none=True)
+    state["loss"] = loss_fn(*model(images, texts))
+
+  def backward():
+    state["loss"].backward()
+
+  def update():
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(state["loss"].detach())
+
+  return model, batch, (forward, backward, update)
+
+
 def training_worker(workload: workloads.Workload, learning_rate: float, weight_decay: float, grad_clip: float,
                     seed: int = 0):
   """Worker setup: open_clip's training step on one batch.
@@ -51,33 +84,22 @@ def training_worker(workload: workloads.Workload, learning_rate: float, weight_d
   """
   import open_clip
   import torch
-  torch.manual_seed(seed)
-  model = _create_model(workload)
+  model, batch, (forward, backward, update) = _training_step(workload, learning_rate, weight_decay, grad_clip,
+                                                             seed)
   state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  batch = workload.batch(seed)
   model.eval()
   with torch.no_grad():
     images, texts = _torch_inputs(batch)
     embeddings = (model.encode_image(images, normalize=True).numpy(), model.encode_text(texts, normalize=True).numpy())
   model.train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-  loss_fn = open_clip.ClipLoss()
   losses = []
-
-  def step():
-    images, texts = _torch_inputs(batch)
-    optimizer.zero_grad(set_to_none=True)
-    image_features, text_features, scale = model(images, texts)
-    loss = loss_fn(image_features, text_features, scale)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    losses.append(float(loss.detach()))
 
   def run(count: int):
     start = time.perf_counter()
     for _ in range(count):
-      step()
+      forward()
+      backward()
+      losses.append(update())
     return time.perf_counter() - start, losses[-1]
 
   run(1)  # also the warm-up: PyTorch allocates its buffers on the first step
@@ -85,6 +107,35 @@ def training_worker(workload: workloads.Workload, learning_rate: float, weight_d
           "torch": torch.__version__, "open_clip": open_clip.__version__, "first_loss": losses[0],
           "num_params": sum(p.numel() for p in model.parameters())}
   return info, run
+
+
+def profiling_worker(workload: workloads.Workload, steps: int, seed: int = 0):
+  """Worker setup: where open_clip's training step spends its time (:mod:`benchmarks.profile_step`).
+
+  ``info`` holds ``wall_ms`` (a step), ``phases`` (ms per step of the forward
+  pass with the loss, ``backward()`` and clipping with the optimizer step,
+  timed around ``steps`` unprofiled steps) and ``ops`` (``(ATen operator,
+  self ms per step)`` under ``torch.profiler`` over ``steps`` more, largest
+  first). The optimizer is AdamW at the benchmarks' defaults.
+  """
+  from torch.profiler import ProfilerActivity, profile
+  _, _, phases = _training_step(workload, 1e-3, 1e-4, 1.0, seed)
+  for step in phases * 2:  # warm-up: PyTorch allocates its buffers on the first step
+    step()
+  seconds = [0.0] * len(phases)
+  for _ in range(steps):
+    for i, step in enumerate(phases):
+      seconds[i] += common.timed(step)
+  with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    for _ in range(steps):
+      for step in phases:
+        step()
+  ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / steps) for e in profiler.key_averages()),
+               key=lambda item: -item[1])
+  names = ("forward + loss", "backward", "clip + AdamW step")
+  info = {"wall_ms": sum(seconds) * 1e3 / steps, "ops": ops,
+          "phases": {name: s * 1e3 / steps for name, s in zip(names, seconds)}}
+  return info, lambda: None
 
 
 def embedding_worker(workload: workloads.Workload, batch_size: int, num_items: int, seed: int = 0):

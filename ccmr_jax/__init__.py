@@ -6,4 +6,7 @@ policies (``reindex`` and ``no_reindex``) and queried with the current
 encoders; the results are recall matrices, forgetting and backward transfer.
 """
 
+from ccmr_jax import host_memory
+
 __version__ = "0.1.0"
+HOST_MALLOC_TUNED = host_memory.keep_freed_memory()  # before JAX's CPU threads exist: see ccmr_jax/host_memory.py

@@ -6,6 +6,7 @@ compiles at its lowest optimisation level and the runs share a compilation
 cache: compiling is most of their time.
 """
 
+import datetime
 import os
 import subprocess
 import sys
@@ -45,6 +46,12 @@ def test_vs_open_clip(run):
   assert ("ccmr_jax pairs/s ÷ open_clip pairs/s" in out) == PEERS["open_clip"]
 
 
+def test_profile_step(run):
+  out = run("profile_step")
+  assert "### ccmr_jax, tiny" in out and "| dense matmuls |" in out and "| backward |" in out
+  assert ("### open_clip, tiny" in out and "| aten::mm |" in out) == PEERS["open_clip"]
+
+
 def test_embed_throughput(run):
   out = run("embed_throughput")
   assert "| tiny | image |" in out and "| tiny | text |" in out
@@ -62,3 +69,37 @@ def test_search(run, tmp_path):
 def test_end_to_end(run):
   out = run("end_to_end", "--override=--config.data.num_tasks=1")
   assert "wall time" in out and "peak RSS" in out
+  assert "| start-up: Python, imports, JAX backend |" in out and "| report: results, analysis, plots |" in out
+  assert "of which compilation" in out
+
+
+def _dies(code):
+  os._exit(code)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+  with pytest.raises(common.WorkerError, match="exit code 3"):
+    common.Worker(_dies, 3)
+
+
+def test_end_to_end_stages_come_from_the_log_time_stamps():
+  started = datetime.datetime(2026, 12, 6, 10, 0, 0).timestamp()
+  log = "\n".join([
+      "I1206 10:00:03.000000 1 distributed.py:145] process 0 of 1; 1 local devices of 1: cpu:0",
+      "W1206 10:00:04.000000 1 dispatch.py:204] Finished XLA compilation of jit(step) in 1.5 sec",
+      "I1206 10:00:10.000000 1 pretrain.py:216] no cached pretrained towers for this pretraining config: ...",
+      "W1206 10:00:11.000000 1 dispatch.py:204] Finished tracing step for jit in 0.25 sec",
+      "I1206 10:01:00.000000 1 pretrain.py:177] pretrained: mean R@1 50.00 on the corpus test split",
+      "I1206 10:01:05.500000 1 experiment.py:319] task 0 (a): 10 steps on 100 images (strategy finetune)",
+      "I1206 10:02:00.000000 1 experiment.py:465] task 0 done: mean R@1 on it 1.00 (50s train, 4s eval)",
+      "I1206 10:02:10.000000 1 experiment.py:465] task 1 done: mean R@1 on it 1.00 (5s train, 4s eval)",
+      "a line that is not absl's"])
+  breakdown = end_to_end.stage_breakdown(log, started, started + 135.0)
+  assert breakdown["stages"] == {
+      "start-up: Python, imports, JAX backend": 3.0, "task stream: data generation, tokenizer": 7.0,
+      "pretraining the towers (not cached yet)": 50.0, "model set-up, zero-shot row": 5.5,
+      "training and evaluation (per task below)": 64.5, "report: results, analysis, plots": 5.0}
+  assert breakdown["compile_s"] == 1.75
+  cached = end_to_end.stage_breakdown(log.replace("no cached pretrained", "cached"), started, started + 135.0)
+  assert "pretraining the towers (not cached yet)" not in cached["stages"]
+  assert cached["stages"]["task stream: data generation, tokenizer"] == 57.0
