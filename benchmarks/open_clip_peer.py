@@ -8,8 +8,9 @@ clipping, eager mode, as in open_clip's training loop. PyTorch is imported
 only inside the worker processes, never next to JAX.
 
 :func:`params_from_open_clip` maps an open_clip state dict onto the params
-of the project's ``vit`` + ``causal_transformer`` dual encoder, so both sides
-can start from the same weights and their embeddings be compared.
+of the project's ``vit`` + ``causal_transformer`` dual encoder (the mapping of
+:mod:`ccmr_jax.models.from_open_clip`), so both sides can start from the same
+weights and their embeddings be compared.
 """
 
 from __future__ import annotations
@@ -161,43 +162,13 @@ def embedding_worker(workload: workloads.Workload, batch_size: int, num_items: i
   return {"threads": torch.get_num_threads(), "torch": torch.__version__}, run
 
 
-def _block(prefix: str, sd: dict[str, np.ndarray]) -> dict:
-  def dense(name):
-    return {"kernel": sd[f"{prefix}.{name}.weight"].T, "bias": sd[f"{prefix}.{name}.bias"]}
-
-  def norm(name):
-    return {"scale": sd[f"{prefix}.{name}.weight"], "bias": sd[f"{prefix}.{name}.bias"]}
-
-  return {"ln_1": norm("ln_1"), "ln_2": norm("ln_2"),
-          "in_proj": {"kernel": sd[f"{prefix}.attn.in_proj_weight"].T, "bias": sd[f"{prefix}.attn.in_proj_bias"]},
-          "out_proj": dense("attn.out_proj"), "c_fc": dense("mlp.c_fc"), "c_proj": dense("mlp.c_proj")}
-
-
-def params_from_open_clip(sd: dict[str, np.ndarray], workload: workloads.Workload) -> dict:
-  """The dual encoder's params holding open_clip's weights (projection biases zero)."""
+def params_from_open_clip(state_dict: dict[str, np.ndarray], workload: workloads.Workload) -> dict:
+  """The dual encoder's variables holding open_clip's weights (:mod:`ccmr_jax.models.from_open_clip`'s mapping)."""
+  from ccmr_jax.models import from_open_clip
   m = workload.model
-
-  def norm(name):
-    return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-  conv = sd["visual.conv1.weight"]  # [width, 3, p, p] → rows in (row, column, channel) patch order
-  image_tower = {
-      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0])},
-      "class_embedding": sd["visual.class_embedding"],
-      "position_embedding": sd["visual.positional_embedding"],
-      "ln_pre": norm("visual.ln_pre"), "ln_post": norm("visual.ln_post"),
-      "transformer": {f"block_{i}": _block(f"visual.transformer.resblocks.{i}", sd) for i in range(m.vit.depth)},
-  }
-  text_tower = {
-      "token_embedding": {"embedding": sd["token_embedding.weight"]},
-      "position_embedding": sd["positional_embedding"],
-      "ln_final": norm("ln_final"),
-      "transformer": {f"block_{i}": _block(f"transformer.resblocks.{i}", sd)
-                      for i in range(m.causal_transformer.depth)},
-  }
-  zeros = np.zeros(m.embed_dim, np.float32)
-  params = {"image_tower": image_tower, "text_tower": text_tower,
-            "image_projection": {"kernel": sd["visual.proj"], "bias": zeros},
-            "text_projection": {"kernel": sd["text_projection"], "bias": zeros},
-            "log_scale": sd["logit_scale"].reshape(())}
-  return {"params": params}
+  arch = from_open_clip.Architecture(
+      embed_dim=m.embed_dim, image_size=workload.image_size, patch=m.vit.patch, vision_width=m.vit.width,
+      vision_depth=m.vit.depth, vision_heads=m.vit.heads, text_width=m.causal_transformer.width,
+      text_depth=m.causal_transformer.depth, text_heads=m.causal_transformer.heads,
+      context_length=workload.max_length, vocab_size=workload.vocab_size)
+  return {"params": from_open_clip.params_from_state_dict(state_dict, arch)}

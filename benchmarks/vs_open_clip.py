@@ -2,6 +2,7 @@
 
   python -m benchmarks.vs_open_clip                 # the small and mid models, batch 128
   python -m benchmarks.vs_open_clip --workloads=mid --rounds=3
+  python -m benchmarks.vs_open_clip --workloads=b32 --rounds=3 --turn_seconds=0   # CLIP ViT-B/32, batch 32
 
 Both sides train the same network (:func:`benchmarks.workloads.open_clip_config`:
 same widths, depths, heads, patch size, context length, vocabulary and
@@ -63,7 +64,7 @@ def compare(workload: workloads.Workload, rounds: int, turn_seconds: float) -> N
     print("open_clip/torch not importable (pip install -e '.[bench]'): timing the JAX side only")
 
   trainer = Trainer(workload, sharding.make_mesh(), params=params)
-  print(f"ccmr_jax: {trainer.num_params:,} params (open_clip's + the two projection biases)")
+  print(f"ccmr_jax: {trainer.num_params:,} params")
   if peer is not None:
     print(f"loss of the first step: ccmr_jax {trainer.loss:.5f}, open_clip {peer.info['first_loss']:.5f}")
   steps = trainer.steps_per_turn(turn_seconds)
@@ -88,7 +89,8 @@ def compare(workload: workloads.Workload, rounds: int, turn_seconds: float) -> N
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workloads", default="small,mid",
-                      help="comma-separated vit + causal_transformer workloads: small, mid, tiny")
+                      help="comma-separated vit + causal_transformer workloads: small, mid, b32 (CLIP ViT-B/32 "
+                           "at batch 32), tiny")
   parser.add_argument("--batch_size", type=int, default=None, help="default: the workload's")
   parser.add_argument("--turn_seconds", type=float, default=6.0, help="length of one timed turn")
   common.add_common_flags(parser)

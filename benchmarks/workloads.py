@@ -7,7 +7,10 @@ Transformer text tower with mean pooling). The others have open_clip's layout
 scale (width 128, 2 blocks per tower, 8x8 patches of 64x64 images, 24 tokens,
 the default's vocabulary and batch); ``mid``, a mid-size dual encoder with a
 ViT-S-like image tower (width 384, 6 blocks, 6 heads) and a causal text
-tower of the same width and depth over 32 tokens; ``tiny`` for smoke tests.
+tower of the same width and depth over 32 tokens; ``b32``, CLIP ViT-B/32 (open_clip's
+``ViT-B-32``: image tower 768 wide, 12 blocks, 32x32 patches of 224x224 images; text tower 512
+wide, 12 blocks, 77 tokens, 49,408 ids) at batch 32; ``tiny`` for smoke tests. Like open_clip's,
+their projections have no bias.
 
 FLOPs are counted analytically: ``2·m·n·k`` per ``[m, k] @ [k, n]`` matmul (a
 multiply-add is two FLOPs; element-wise work is left out), and a training
@@ -102,12 +105,13 @@ def _scenes_workload() -> Workload:
 
 
 def _open_clip_layout(name: str, width: int, depth: int, image_size: int, patch: int, max_length: int,
-                      vocab_size: int, embed_dim: int, batch_size: int) -> Workload:
-  heads = width // 64
+                      vocab_size: int, embed_dim: int, batch_size: int, text_width: int | None = None) -> Workload:
+  """Heads of width 64 (open_clip's default); the text tower ``text_width`` wide (default: ``width``)."""
+  text_width = text_width or width
   model = ml_collections.ConfigDict(dict(
       image_tower="vit", text_tower="causal_transformer", embed_dim=embed_dim, temperature_init=0.07,
-      dtype="float32", vit=dict(patch=patch, width=width, depth=depth, heads=heads),
-      causal_transformer=dict(width=width, depth=depth, heads=heads)))
+      projection_bias=False, dtype="float32", vit=dict(patch=patch, width=width, depth=depth, heads=width // 64),
+      causal_transformer=dict(width=text_width, depth=depth, heads=text_width // 64)))
   return Workload(name, model, image_size, max_length, vocab_size, batch_size)
 
 
@@ -120,13 +124,16 @@ def get_workload(name: str) -> Workload:
   if name == "mid":
     return _open_clip_layout("mid", width=384, depth=6, image_size=64, patch=8, max_length=32, vocab_size=8192,
                              embed_dim=256, batch_size=128)
+  if name == "b32":  # CLIP ViT-B/32 (open_clip's ViT-B-32 config) at batch 32
+    return _open_clip_layout("b32", width=768, depth=12, image_size=224, patch=32, max_length=77, vocab_size=49408,
+                             embed_dim=512, batch_size=32, text_width=512)
   if name == "tiny":
     return _open_clip_layout("tiny", width=64, depth=1, image_size=16, patch=8, max_length=8, vocab_size=64,
                              embed_dim=32, batch_size=8)
   raise ValueError(f"unknown workload {name!r}; choose one of {WORKLOADS}")
 
 
-WORKLOADS = ("default", "small", "mid", "tiny")
+WORKLOADS = ("default", "small", "mid", "b32", "tiny")
 
 
 def with_options(workload: Workload, dtype: str | None = None, remat: bool = False,

@@ -43,7 +43,8 @@ from ccmr_jax.data import sources
 from ccmr_jax.data.batches import PairSampler
 from ccmr_jax.data.examples import Examples
 from ccmr_jax.data.task_split import TaskStream, split_into_tasks
-from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
+from ccmr_jax.data.clip_tokenizer import ClipTokenizer
+from ccmr_jax.data.tokenizer import TOKENIZER_KINDS, Tokenizer, build_tokenizer, tokenizer_from_json
 from ccmr_jax.losses import LOSSES
 from ccmr_jax.models import weights
 from ccmr_jax.models.dual_encoder import build_model
@@ -62,9 +63,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     train.trainable_patterns(config.train.get("trainable", "all"))
   except ValueError as e:
     raise UserError(str(e)) from e
-  choices = {"loss.name": LOSSES, "eval.index_mode": index.INDEX_MODES, "eval.split": EVAL_SPLITS}
+  choices = {"loss.name": LOSSES, "eval.index_mode": index.INDEX_MODES, "eval.split": EVAL_SPLITS,
+             "tokenizer.kind": TOKENIZER_KINDS}
   for path, allowed in choices.items():
-    value = config[path.split(".")[0]][path.split(".")[1]]
+    section, field = path.split(".")
+    value = config[section].get(field, "words") if path == "tokenizer.kind" else config[section][field]
     if value not in allowed:
       raise UserError(f"unknown {path} {value!r}; choose one of {list(allowed)}")
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "train.log_every",
@@ -124,24 +127,31 @@ def apply_repairs(workdir: str, plan: integrity.Plan) -> None:
     multihost_utils.sync_global_devices("ccmr_jax: workdir repaired")
 
 
+def new_tokenizer(stream: TaskStream, config: ml_collections.ConfigDict) -> Tokenizer | ClipTokenizer:
+  """``tokenizer.kind``'s tokenizer: words of task 0's training captions, or CLIP's BPE (``clip_bpe``)."""
+  if config.tokenizer.get("kind", "words") == "clip_bpe":
+    try:
+      return ClipTokenizer.load(config.tokenizer.get("bpe_vocab", ""), config.tokenizer.max_length)
+    except (OSError, ValueError, ImportError) as e:
+      raise UserError(f"tokenizer.bpe_vocab: {e}") from e
+  return build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
+                         config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
+
+
 def load_or_build_tokenizer(workdir: str, stream: TaskStream, config: ml_collections.ConfigDict,
-                            pretrained: pretrain.Pretrained | None = None) -> Tokenizer:
-  """The tokenizer of ``workdir``; else the pretrained towers' one, or a new one from task 0's training captions."""
+                            pretrained: pretrain.Pretrained | None = None) -> Tokenizer | ClipTokenizer:
+  """The tokenizer of ``workdir``; else the pretrained towers' one, or a new one (:func:`new_tokenizer`)."""
   path = layout.tokenizer_path(workdir)
   if manifest.is_sealed(path):
     try:
-      tokenizer = Tokenizer.from_json(manifest.read_text(path))
+      tokenizer = tokenizer_from_json(manifest.read_text(path))
     except ValueError as e:
       raise UserError(f"{path}: {e}; delete the workdir to start over") from e
     if pretrained is not None and tokenizer != pretrained.tokenizer:
-      raise UserError(f"{path} is not the tokenizer of the pretrained towers in {pretrained.folder}; "
+      raise UserError(f"{path} is not the tokenizer of the pretrained towers in {pretrained.source}; "
                       "delete the workdir to start over")
     return tokenizer
-  if pretrained is not None:
-    tokenizer = pretrained.tokenizer
-  else:
-    tokenizer = build_tokenizer(stream.tasks[0].splits["train"].captions, config.tokenizer.max_length,
-                                config.tokenizer.num_oov_buckets, config.tokenizer.min_count)
+  tokenizer = pretrained.tokenizer if pretrained is not None else new_tokenizer(stream, config)
   if jax.process_index() == 0:
     manifest.write_text(path, tokenizer.to_json())
   return tokenizer
@@ -204,7 +214,7 @@ def _initial_params(config: ml_collections.ConfigDict, model, tokenizer: Tokeniz
       params = sharding.replicate(weights.load_encoder_weights(params, pretrained.weights_path), mesh)
     except ValueError as e:
       raise UserError(f"model.init_from: {e}") from e
-    logging.info("encoders initialised from the pretrained towers in %s", pretrained.folder)
+    logging.info("encoders initialised from the pretrained towers in %s", pretrained.source)
   if config.model.get("image_tower_weights"):
     try:
       params = sharding.replicate(load_image_tower_weights(params, config.model.image_tower_weights), mesh)

@@ -15,6 +15,7 @@ and read through :mod:`ccmr_jax.manifest`, on top of this layer.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -188,3 +189,12 @@ def download_folder(path: str, local_folder: str) -> None:
   for name in listdir(path):
     with open(os.path.join(local_folder, name), "wb") as f:
       f.write(read_bytes(os.path.join(path, name)))
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 (hex) of a local file's bytes, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

@@ -44,7 +44,7 @@ from ccmr_jax import cli, evaluate, files, index, manifest, metrics, sharding, t
 from ccmr_jax.data import sources
 from ccmr_jax.data.batches import PairSampler
 from ccmr_jax.data.tokenizer import Tokenizer, build_tokenizer
-from ccmr_jax.models import weights
+from ccmr_jax.models import from_open_clip, weights
 from ccmr_jax.models.dual_encoder import build_model
 
 WEIGHTS_FILE = "weights.npz"
@@ -59,6 +59,10 @@ class Pretrained:
   card: dict
 
   @property
+  def source(self) -> str:
+    return self.folder
+
+  @property
   def weights_path(self) -> str:
     return os.path.join(self.folder, WEIGHTS_FILE)
 
@@ -71,14 +75,6 @@ def config_key(config: ml_collections.ConfigDict) -> str:
   """16 hex digits of the sha256 of the pretraining config's canonical JSON: its cache key."""
   canonical = json.dumps(json.loads(config.to_json()), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def load_pretrained(folder: str) -> Pretrained:
@@ -109,6 +105,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise cli.UserError("a pretraining config starts from random init: set model.init_from to \"\"")
   if config.train.get("trainable", "all") != "all":
     raise cli.UserError("pretraining trains every param: set train.trainable to \"all\"")
+  if config.tokenizer.get("kind", "words") != "words":
+    raise cli.UserError("pretraining builds a word vocabulary from its corpus: set tokenizer.kind to \"words\"")
   for path in ("train.batch_size", "train.epochs_per_task", "train.learning_rate", "eval.batch_size"):
     section, field = path.split(".")
     if not config[section][field] > 0:
@@ -183,8 +181,8 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str) -> Pretrained:
     card = {"config": json.loads(config.to_json()), "config_key": config_key(config),
             "data_seed": config.data.get(config.data.source, {}).get("seed"), "steps": steps,
             "train_images": len(train_split), "test_recall": recall, "tokenizer": tokenizer.to_json(),
-            "sha256": _sha256(os.path.join(staging, WEIGHTS_FILE)), "wall_s": round(time.perf_counter() - start, 1),
-            "jax": jax.__version__}
+            "sha256": files.file_sha256(os.path.join(staging, WEIGHTS_FILE)),
+            "wall_s": round(time.perf_counter() - start, 1), "jax": jax.__version__}
     files.atomic_write_json(os.path.join(staging, CARD_FILE), card)
     manifest.seal_folder(staging)
     if os.path.isdir(out_dir):
@@ -224,19 +222,28 @@ def _model_differences(run_model: ml_collections.ConfigDict, pretrain_model: ml_
           for key in sorted(set(run) | set(pre)) if key not in ignored and run.get(key) != pre.get(key)]
 
 
-def initial_weights(config: ml_collections.ConfigDict) -> Pretrained | None:
+def initial_weights(config: ml_collections.ConfigDict) -> Pretrained | from_open_clip.ConvertedWeights | None:
   """The pretrained towers ``config.model.init_from`` names, or None for random init.
 
   ``"pretrain"``: from ``config.pretrain`` (cached, built on first use);
-  any other value: the folder a ``python -m ccmr_jax.pretrain --out=DIR`` wrote.
+  a path ending in ``.npz``: open_clip weights converted by
+  ``python -m ccmr_jax.models.from_open_clip``; any other value: the folder a
+  ``python -m ccmr_jax.pretrain --out=DIR`` wrote. Each has ``source``,
+  ``weights_path`` and ``tokenizer``.
 
   Raises:
     cli.UserError: no ``config.pretrain``, a pretraining model unlike the
-      run's, or a folder that is missing or damaged.
+      run's, a converted file unlike the run's model, or a folder or file
+      that is missing or damaged.
   """
   init_from = config.model.get("init_from", "")
   if not init_from:
     return None
+  if init_from.endswith(".npz"):
+    try:
+      return from_open_clip.load_converted(os.path.expanduser(init_from), config, sources.input_image_size(config))
+    except (OSError, ValueError) as e:
+      raise cli.UserError(f"model.init_from: {e}") from e
   if init_from == "pretrain":
     if "pretrain" not in config:
       raise cli.UserError('model.init_from="pretrain" needs a config.pretrain section (see configs/scenes.py)')

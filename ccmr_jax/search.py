@@ -37,7 +37,7 @@ from ccmr_jax import checkpoint, cli, index, manifest, metrics, policies, shardi
 from ccmr_jax import workdir as layout
 from ccmr_jax.data import sources
 from ccmr_jax.data.examples import normalize_caption
-from ccmr_jax.data.tokenizer import Tokenizer
+from ccmr_jax.data.tokenizer import Tokenizer, tokenizer_from_json
 
 SCOPES = tuple(metrics.SCOPES)
 
@@ -113,7 +113,7 @@ def read_run(workdir: str) -> tuple[ml_collections.ConfigDict, Tokenizer, list[i
   done = list(range(layout.first_unfinished_task(workdir, config.data.num_tasks)))
   if not done:
     raise cli.UserError(f"{workdir} has no evaluated task yet: let the run finish task 0 first")
-  return config, Tokenizer.from_json(manifest.read_text(layout.tokenizer_path(workdir))), done
+  return config, tokenizer_from_json(manifest.read_text(layout.tokenizer_path(workdir))), done
 
 
 class StoredGalleries:

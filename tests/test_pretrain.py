@@ -27,7 +27,7 @@ def _fresh_variables(config, tokenizer):
 
 def test_the_command_writes_weights_the_loader_accepts_and_a_card_that_matches_them(pretrained):
   card = json.load(open(os.path.join(pretrained.folder, pretrain.CARD_FILE)))
-  assert card["sha256"] == pretrain._sha256(pretrained.weights_path)
+  assert card["sha256"] == files.file_sha256(pretrained.weights_path)
   assert card["config_key"] == pretrain.config_key(tiny_pretrained.pretrain_config())
   assert card["data_seed"] == 777 and card["steps"] == 2 * (400 // 32) and card["train_images"] == 400
   assert 0 <= card["test_recall"]["mean_r1"] <= 100
@@ -67,7 +67,7 @@ def test_a_damaged_folder_is_named_and_a_damaged_cache_is_rebuilt(pretrained, tm
   files.copy_tree(damaged, cached)
   rebuilt = pretrain.initial_weights(tiny_pretrained.get_config())
   assert rebuilt.folder == cached
-  assert pretrain._sha256(rebuilt.weights_path) == rebuilt.card["sha256"]
+  assert files.file_sha256(rebuilt.weights_path) == rebuilt.card["sha256"]
   assert rebuilt.card["sha256"] == pretrained.card["sha256"]  # the same config pretrains the same towers
 
 

@@ -1,4 +1,4 @@
-"""Word tokenizer fixed before task 0.
+"""Word tokenizer fixed before task 0 (CLIP's BPE tokenizer: :mod:`ccmr_jax.data.clip_tokenizer`).
 
 From scratch, the vocabulary is built from the captions of task 0's training
 split only, so it carries no information from later tasks. A run from
@@ -26,6 +26,8 @@ from ccmr_jax.data.examples import normalize_caption
 
 PAD_ID = 0
 START_ID = 1
+# config.tokenizer.kind: this module's word tokenizer, or CLIP's BPE (ccmr_jax.data.clip_tokenizer).
+TOKENIZER_KINDS = ("words", "clip_bpe")
 _FIRST_WORD_ID = 2
 
 
@@ -86,3 +88,15 @@ def build_tokenizer(captions: Iterable[str], max_length: int, num_oov_buckets: i
   counts = collections.Counter(w for text in captions for w in normalize_caption(text).split())
   words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
   return Tokenizer(tuple(words), num_oov_buckets, max_length)
+
+
+def tokenizer_from_json(text: str):
+  """The tokenizer a ``to_json`` wrote: the word :class:`Tokenizer`, or CLIP's BPE one (``"kind": "clip_bpe"``)."""
+  try:
+    kind = json.loads(text).get("kind", "words")
+  except (ValueError, AttributeError) as e:
+    raise ValueError(f"malformed tokenizer file: {e}") from e
+  if kind == "clip_bpe":
+    from ccmr_jax.data.clip_tokenizer import ClipTokenizer
+    return ClipTokenizer.from_json(text)
+  return Tokenizer.from_json(text)

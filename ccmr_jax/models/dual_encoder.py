@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from ccmr_jax.models.towers import IMAGE_TOWERS, TEXT_TOWERS
+from ccmr_jax.models.vit import ACTIVATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -23,18 +24,23 @@ class DualEncoder(nn.Module):
 
   Also owns ``log_scale``, the learnable inverse temperature of InfoNCE
   (``scale = exp(log_scale)``, initialised to ``1/temperature_init``).
-  Embeddings are returned in float32 whatever the compute dtype.
+  The projections are dense layers, with a bias unless ``projection_bias``
+  is off (CLIP's are plain matmuls). Embeddings are returned in float32
+  whatever the compute dtype.
   """
 
   image_tower: nn.Module
   text_tower: nn.Module
   embed_dim: int
   temperature_init: float = 0.07
+  projection_bias: bool = True
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.image_projection = nn.Dense(self.embed_dim, dtype=self.dtype, name="image_projection")
-    self.text_projection = nn.Dense(self.embed_dim, dtype=self.dtype, name="text_projection")
+    self.image_projection = nn.Dense(self.embed_dim, use_bias=self.projection_bias, dtype=self.dtype,
+                                     name="image_projection")
+    self.text_projection = nn.Dense(self.embed_dim, use_bias=self.projection_bias, dtype=self.dtype,
+                                    name="text_projection")
     self.log_scale = self.param("log_scale", nn.initializers.constant(np.log(1.0 / self.temperature_init)), ())
 
   def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -67,10 +73,17 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, max_le
   if model_config.dtype not in DTYPES:
     raise ValueError(f"unknown model.dtype {model_config.dtype!r}; choose one of {sorted(DTYPES)}")
   dtype = DTYPES[model_config.dtype]
-  image_kwargs = dict(model_config.get(model_config.image_tower, {}))
-  text_kwargs = dict(model_config.get(model_config.text_tower, {}))
+  # Lists (a config read back from JSON) become tuples: module fields stay hashable.
+  image_kwargs = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in model_config.get(model_config.image_tower, {}).items()}
+  text_kwargs = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in model_config.get(model_config.text_tower, {}).items()}
+  for tower, kwargs in ((model_config.image_tower, image_kwargs), (model_config.text_tower, text_kwargs)):
+    if "activation" in kwargs and kwargs["activation"] not in ACTIVATIONS:
+      raise ValueError(f"unknown model.{tower}.activation {kwargs['activation']!r}; "
+                       f"choose one of {sorted(ACTIVATIONS)}")
   image_tower = IMAGE_TOWERS[model_config.image_tower](dtype=dtype, **image_kwargs)
   text_tower = TEXT_TOWERS[model_config.text_tower](vocab_size=vocab_size, max_length=max_length,
                                                     dtype=dtype, **text_kwargs)
-  return DualEncoder(image_tower, text_tower, model_config.embed_dim,
-                     temperature_init=model_config.temperature_init, dtype=dtype)
+  return DualEncoder(image_tower, text_tower, model_config.embed_dim, temperature_init=model_config.temperature_init,
+                     projection_bias=model_config.get("projection_bias", True), dtype=dtype)

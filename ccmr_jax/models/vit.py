@@ -2,11 +2,14 @@
 
 Both follow ``open_clip.transformer`` (``VisionTransformer``, ``TextTransformer``)
 block for block, so a config here and an open_clip model config describe the
-same network: pre-LayerNorm residual blocks (fused QKV projection, exact
-GELU MLP of ``mlp_ratio × width``), LayerNorm epsilon 1e-5, a class token
-and ``ln_pre`` / ``ln_post`` in the image tower, a causal mask and pooling at
-the last token in the text tower. The projection into the shared space is
-the dual encoder's (a dense layer with bias; open_clip's has none).
+same network: pre-LayerNorm residual blocks (fused QKV projection, an MLP of
+``mlp_ratio × width`` with exact GELU, or QuickGELU ``x·σ(1.702·x)`` as in
+OpenAI's CLIP weights), LayerNorm epsilon 1e-5, a class token and
+``ln_pre`` / ``ln_post`` in the image tower, a causal mask and pooling at
+the end-of-text token in the text tower. The projection into the shared
+space is the dual encoder's (``model.projection_bias=False`` makes it
+open_clip's, a matmul without bias). :mod:`ccmr_jax.models.from_open_clip`
+converts open_clip checkpoints into these towers.
 
 Per image of ``N = (H/p)·(W/p)`` patches and per caption of ``L`` tokens, the
 forward pass costs (multiply-adds counted as 2 FLOPs, width ``w``, depth ``d``)
@@ -24,11 +27,12 @@ and batches, about one more forward pass of compute.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ccmr_jax.data.tokenizer import PAD_ID
 
@@ -46,6 +50,21 @@ def exact_gelu(x: jnp.ndarray) -> jnp.ndarray:
   ``small`` workload's MLP activations.
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """``x·σ(1.702·x)``: the GELU approximation OpenAI's CLIP weights were trained with."""
+  return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+ACTIVATIONS = {"gelu": exact_gelu, "quick_gelu": quick_gelu}
+
+
+def activation_fn(name: str):
+  """The MLP activation named ``name`` (``gelu`` or ``quick_gelu``)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 def multi_head_attention(qkv: jnp.ndarray, batch: int, length: int, heads: int, causal: bool) -> jnp.ndarray:
@@ -82,6 +101,7 @@ class ResidualAttentionBlock(nn.Module):
   heads: int
   mlp_ratio: float = 4.0
   causal: bool = False
+  activation: str = "gelu"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -96,7 +116,7 @@ class ResidualAttentionBlock(nn.Module):
       y = multi_head_attention(qkv, batch, length, self.heads, self.causal)
     x = x + nn.Dense(self.width, dtype=self.dtype, name="out_proj")(y)
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_2")(x)
-    y = exact_gelu(nn.Dense(int(self.mlp_ratio * self.width), dtype=self.dtype, name="c_fc")(y))
+    y = activation_fn(self.activation)(nn.Dense(int(self.mlp_ratio * self.width), dtype=self.dtype, name="c_fc")(y))
     x = x + nn.Dense(self.width, dtype=self.dtype, name="c_proj")(y)
     return x.reshape(batch, length, self.width)
 
@@ -110,21 +130,26 @@ class Transformer(nn.Module):
   mlp_ratio: float = 4.0
   causal: bool = False
   remat: bool = False
+  activation: str = "gelu"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.depth):
-      x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.dtype, name=f"block_{i}")(x)
+      x = block(self.width, self.heads, self.mlp_ratio, self.causal, self.activation, self.dtype,
+                name=f"block_{i}")(x)
     return x
 
 
 class VisionTransformerTower(nn.Module):
   """ViT image tower: ``uint8 [B, H, W, 3]`` → ``[B, width]``, the class token after ``ln_post``.
 
-  Pixels are scaled to [-1, 1]; the ``patch``x``patch`` patch embedding (a
-  strided convolution without bias) is a matmul over flattened patches.
+  Pixels are normalised per channel, ``(x/255 − pixel_mean)/pixel_std``
+  (the defaults map them to [-1, 1]; CLIP's weights expect
+  :data:`ccmr_jax.models.clip_architectures.CLIP_PIXEL_MEAN` and ``CLIP_PIXEL_STD``); the
+  ``patch``x``patch`` patch embedding (a strided convolution without bias)
+  is a matmul over flattened patches.
   """
 
   patch: int = 16
@@ -133,6 +158,9 @@ class VisionTransformerTower(nn.Module):
   heads: int = 12
   mlp_ratio: float = 4.0
   remat: bool = False
+  activation: str = "gelu"
+  pixel_mean: Sequence[float] = (0.5, 0.5, 0.5)
+  pixel_std: Sequence[float] = (0.5, 0.5, 0.5)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -141,7 +169,9 @@ class VisionTransformerTower(nn.Module):
     p = self.patch
     if height % p or width % p:
       raise ValueError(f"image side {height}x{width} is not divisible by the patch size {p}")
-    x = images.astype(self.dtype) / 127.5 - 1.0
+    std = np.asarray(self.pixel_std, np.float64)
+    x = images.astype(self.dtype) * jnp.asarray(1.0 / (255.0 * std), self.dtype) \
+        - jnp.asarray(np.asarray(self.pixel_mean) / std, self.dtype)
     x = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(batch * (height // p) * (width // p), p * p * channels)
     x = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="patch_embed")(x).reshape(batch, -1, self.width)
@@ -150,8 +180,8 @@ class VisionTransformerTower(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(class_token, (batch, 1, self.width)), x], axis=1)
     x = x + self.param("position_embedding", init, (x.shape[1], self.width)).astype(self.dtype)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_pre")(x)
-    x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, remat=self.remat, dtype=self.dtype,
-                    name="transformer")(x)
+    x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, remat=self.remat,
+                    activation=self.activation, dtype=self.dtype, name="transformer")(x)
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_post")(x[:, 0])
 
 
@@ -159,9 +189,12 @@ class CausalTextTower(nn.Module):
   """open_clip's text transformer: ``int32 [B, L]`` tokens → ``[B, width]``.
 
   Token + position embeddings, causal blocks, ``ln_final``, then the feature
-  at each caption's last token (the tokenizer's ids end there; padding
-  follows), which under the causal mask is the one that has seen the whole
-  caption: open_clip's end-of-text pooling.
+  at each caption's last token that is not padding (the end-of-text token of
+  open_clip's tokenizer, the last word of the project's), which under the
+  causal mask is the one that has seen the whole caption: open_clip's
+  end-of-text pooling. Padding is looked for only after that token, so a
+  padding id inside a caption (id 0 is ``!`` in CLIP's vocabulary) is a token
+  like any other.
   """
 
   vocab_size: int
@@ -171,6 +204,7 @@ class CausalTextTower(nn.Module):
   heads: int = 8
   mlp_ratio: float = 4.0
   remat: bool = False
+  activation: str = "gelu"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -179,9 +213,9 @@ class CausalTextTower(nn.Module):
     position = self.param("position_embedding", nn.initializers.normal(0.01), (self.max_length, self.width))
     x = x + position[: tokens.shape[1]].astype(self.dtype)
     x = Transformer(self.width, self.depth, self.heads, self.mlp_ratio, causal=True, remat=self.remat,
-                    dtype=self.dtype, name="transformer")(x)
+                    activation=self.activation, dtype=self.dtype, name="transformer")(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="ln_final")(x)
-    last = jnp.maximum((tokens != PAD_ID).sum(-1) - 1, 0)
+    last = tokens.shape[1] - 1 - jnp.argmax((tokens != PAD_ID)[:, ::-1], axis=1)
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 

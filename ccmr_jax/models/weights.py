@@ -2,14 +2,17 @@
 
 Each array is keyed by its path in the tree joined with ``/``
 (``image_tower/Conv_0/kernel``, ``stem_conv/kernel``, ...), kernels in Flax's
-layout. The image-tower loader (:mod:`ccmr_jax.models.resnet`) and the
-pretraining stage (:mod:`ccmr_jax.pretrain`) write and read this format.
-Loading requires exactly the tree's keys and shapes and names every mismatch;
-nothing is unpickled.
+layout. An optional :data:`METADATA_KEY` entry holds a JSON string about the
+weights (:mod:`ccmr_jax.models.from_open_clip` records the architecture
+there). The image-tower loader (:mod:`ccmr_jax.models.resnet`), the
+pretraining stage (:mod:`ccmr_jax.pretrain`) and the open_clip converter
+write and read this format. Loading requires exactly the tree's keys and
+shapes and names every mismatch; nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, Mapping
@@ -23,12 +26,39 @@ def flatten_weights(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {"/".join(path): np.asarray(value) for path, value in flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def save_weights(path: str, params: Mapping[str, Any]) -> None:
-  """Writes a params tree as the documented ``.npz`` (written aside, then renamed)."""
+METADATA_KEY = "__metadata__"
+
+
+def save_weights(path: str, params: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+  """Writes a params tree (and ``metadata``, JSON) as the documented ``.npz`` (written aside, then renamed)."""
   folder = os.path.dirname(os.path.abspath(path))
+  arrays = flatten_weights(params)
+  if metadata is not None:
+    arrays[METADATA_KEY] = np.array(json.dumps(metadata, sort_keys=True))
   with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
-    np.savez(f, **flatten_weights(params))
+    np.savez(f, **arrays)
   os.replace(f.name, path)
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+  """The metadata an ``.npz`` of weights carries (``{}`` when it has none).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not an ``.npz``, or metadata that is not a JSON object.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no weights file at {path}")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      if METADATA_KEY not in archive.files:
+        return {}
+      metadata = json.loads(str(archive[METADATA_KEY]))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not an .npz of weights with readable metadata ({e})") from e
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path}: its {METADATA_KEY} is not a JSON object")
+  return metadata
 
 
 def load_weights(params: Mapping[str, Any], path: str) -> dict[str, Any]:
@@ -49,7 +79,7 @@ def load_weights(params: Mapping[str, Any], path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"no pretrained weights file at {path}")
   try:
     with np.load(path, allow_pickle=False) as archive:
-      found = {key: archive[key] for key in archive.files}
+      found = {key: archive[key] for key in archive.files if key != METADATA_KEY}
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is not an .npz of arrays ({e})") from e
   problems = [f"missing {key} {expected[key].shape}" for key in sorted(set(expected) - set(found))]
