@@ -103,3 +103,29 @@ def test_end_to_end_stages_come_from_the_log_time_stamps():
   cached = end_to_end.stage_breakdown(log.replace("no cached pretrained", "cached"), started, started + 135.0)
   assert "pretraining the towers (not cached yet)" not in cached["stages"]
   assert cached["stages"]["task stream: data generation, tokenizer"] == 57.0
+
+
+def _tables(out):
+  """Each markdown table of ``out`` as ``(header, rows)`` of stripped cells."""
+  tables, lines = [], []
+  for line in out.splitlines() + [""]:
+    if line.startswith("|"):
+      lines.append([cell.strip() for cell in line.strip("|").split("|")])
+    elif lines:
+      tables.append((lines[0], lines[2:]))
+      lines = []
+  return tables
+
+
+def test_real_size(run, tmp_path):
+  from benchmarks import real_size
+  out = run("real_size", f"--root={tmp_path}")
+  assert "40 images: stand-in written" in out
+  (throughput, rows), (memory, memory_rows) = _tables(out)
+  assert tuple(throughput) == real_size.THROUGHPUT_COLUMNS and tuple(memory) == real_size.MEMORY_COLUMNS
+  assert rows[0][:2] == ["40", "28/6/6"] and len(memory_rows) == 1
+  for header, row in ((throughput, rows[0]), (memory, memory_rows[0])):
+    values = {name: float(cell.replace(",", "")) for name, cell in zip(header, row) if name != "train/val/test"}
+    growth = values.pop("other pipeline growth", 0.0)  # may be 0: the heap can absorb a few small batches
+    assert growth >= 0 and all(value > 0 for value in values.values()), values
+  assert os.listdir(tmp_path / "flickr30k-40") == ["manual"]  # the TFDS files and the cache are removed

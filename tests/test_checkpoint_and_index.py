@@ -117,3 +117,23 @@ def test_checkpoint_every_zero_writes_none_and_non_finite_params_stop_before_a_c
 
   with pytest.raises(FloatingPointError, match="non-finite parameters at step 2 of task 0"):
     _fit_with(poisoned, 2)
+
+
+def test_fit_keeps_at_most_two_steps_in_flight(monkeypatch):
+  """Each queued step holds its batch in host memory: fit waits for step s-2 before dispatching step s+1."""
+  from ccmr_jax import train
+  events = []
+
+  def step(state, batch, learning_rate, teacher):
+    events.append(("dispatch", int(state.step) + 1))
+    return train.TrainState(state.step + 1, state.params, state.opt_state), {"loss": np.float32(state.step + 1)}
+
+  monkeypatch.setattr(train.jax, "block_until_ready", lambda loss: events.append(("wait", int(loss))) or loss)
+  _fit_with(step, 0)
+  outstanding, finished = 0, []
+  for kind, step_number in events:
+    outstanding += 1 if kind == "dispatch" else -1
+    assert outstanding <= train.MAX_STEPS_IN_FLIGHT, events
+    if kind == "wait":
+      finished.append(step_number)
+  assert finished == [1, 2, 3, 4]  # steps 5 and 6 end at the task's end, where the caller reads the state

@@ -69,6 +69,22 @@ def test_builder_writes_coco_captions_features(prepared):
   assert example["captions"]["id"].tolist() == list(range(15, 20))
 
 
+def test_the_image_cache_is_built_without_tfds_auto_cache(prepared, tmp_path, monkeypatch):
+  """TFDS would keep every decoded image of a dataset under 250 MiB in memory, and the heap keeps its peak."""
+  data_dir, _ = prepared
+  read_configs = []
+  as_dataset = tfds.core.DatasetBuilder.as_dataset
+
+  def recording_as_dataset(self, *args, read_config=None, **kwargs):
+    read_configs.append(read_config)
+    return as_dataset(self, *args, read_config=read_config, **kwargs)
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", recording_as_dataset)
+  dataset = sources.load_dataset(tiny_flickr_config(data_dir, str(tmp_path / "cache")))
+  assert len(read_configs) == 3 and all(config is not None and not config.try_autocache for config in read_configs)
+  assert [len(dataset.splits[split]) for split in ("train", "val", "test")] == [16, 2, 2]
+
+
 def test_one_training_step_and_evaluation_through_the_flickr_config(prepared, tmp_path):
   data_dir, _ = prepared
   config = tiny_flickr_config(data_dir, str(tmp_path / "cache"))

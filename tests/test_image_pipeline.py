@@ -164,6 +164,29 @@ def test_cache_is_written_all_or_nothing_and_reopened(tmp_path):
     images.open_cache(path)
 
 
+def test_the_cache_is_written_without_mapping_it_into_the_process(tmp_path):
+  """A writable memory map would hold the whole cache resident (6.2 GB for Flickr30K) until it is closed."""
+  if not os.path.exists("/proc/self/maps"):
+    pytest.skip("needs Linux's /proc")
+  store = _store(n=5)
+  mapped = []
+
+  def rows():
+    for image in store:
+      with open("/proc/self/maps") as f:
+        mapped.extend(line for line in f if images.IMAGES_FILE in line)
+      yield image
+
+  cache = images.write_cache(str(tmp_path / "toy"), 5, STORED, rows(), {})
+  assert mapped == []
+  expected = np.lib.format.open_memmap(str(tmp_path / "expected.npy"), mode="w+", dtype=np.uint8, shape=store.shape)
+  expected[:] = store
+  expected.flush()
+  del expected
+  with open(os.path.join(cache.path, images.IMAGES_FILE), "rb") as f, open(tmp_path / "expected.npy", "rb") as g:
+    assert f.read() == g.read()  # the file numpy's own writer makes
+
+
 def test_a_cache_that_does_not_fit_on_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
   monkeypatch.setattr(images.shutil, "disk_usage", lambda path: shutil_usage(total=10**6, used=10**6 - 100, free=100))
   with pytest.raises(ValueError, match="needs 0.0 GB but .* free; free space or set data.cache_dir"):
