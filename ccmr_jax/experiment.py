@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 from absl import logging
 
-from ccmr_jax import (analysis, checkpoint, evaluate, files, index, integrity, manifest, metrics, pretrain, report,
-                      search_figures, sharding, train)
+from ccmr_jax import (analysis, checkpoint, evaluate, files, host_memory, index, integrity, manifest, metrics, pretrain,
+                      report, search_figures, sharding, train)
 from ccmr_jax import workdir as layout
 from ccmr_jax.cli import UserError
 from ccmr_jax.continual import replay
@@ -459,6 +459,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: b
   apply_repairs(workdir, plan)
   c = build_components(config, workdir)
   zero_shot = zero_shot_row(c, workdir, config)
+  host_memory.release_free_memory()
   first = layout.first_unfinished_task(workdir, len(c.stream))
   if first > 0:
     logging.info("resuming: tasks 0..%d already evaluated", first - 1)
@@ -468,8 +469,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: b
   for t in range(first, len(c.stream)):
     task_start = time.perf_counter()
     carried = advance(c, t, carried, workdir, config)
+    host_memory.release_free_memory()  # what training (and compiling) freed
     train_seconds = time.perf_counter() - task_start
     evaluations.append(evaluate_and_record(c, t, carried.params, workdir, config))
+    host_memory.release_free_memory()
     timings.append({"task": t, "train_s": round(train_seconds, 2),
                     "eval_s": round(time.perf_counter() - task_start - train_seconds, 2)})
     logging.info("task %d done: mean R@1 on it %.2f (%.0fs train, %.0fs eval)", t,

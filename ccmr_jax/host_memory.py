@@ -12,8 +12,13 @@ and never trimmed, so the next step reuses pages already mapped.
 
 The price: the process keeps its peak heap rather than returning freed
 memory to the system (its resident size stays at its peak), and all threads
-share one malloc arena. Set ``CCMR_JAX_HOST_MALLOC=default`` to leave
-glibc's defaults alone. Nothing happens where the C library is not glibc.
+share one malloc arena. :func:`release_free_memory` hands the free part back
+on demand: the experiment calls it between stages (after the zero-shot row,
+after each task's training and after its evaluation), so what compilation
+and evaluation freed does not stay resident for the rest of the run, at the
+cost of one step's page faults when the next task starts training. Set
+``CCMR_JAX_HOST_MALLOC=default`` to leave glibc's defaults alone. Nothing
+happens where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -62,3 +67,13 @@ def keep_freed_memory() -> bool:
     return False
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
   return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def release_free_memory() -> bool:
+  """Returns the heap's free pages to the system (glibc's ``malloc_trim(0)``), whatever the trim setting.
+
+  Returns:
+    Whether glibc released any memory (False where the C library is not glibc).
+  """
+  libc = _glibc()
+  return bool(libc.malloc_trim(0)) if libc is not None else False
