@@ -226,17 +226,26 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def mapped_rss_mb(path: str) -> float:
-  """Resident pages of this process's mappings of the file ``path`` (``/proc/self/smaps``), MB."""
-  path, total_kb, inside = os.path.realpath(path), 0, False
-  with open("/proc/self/smaps", encoding="utf-8") as f:
-    for line in f:
-      fields = line.split()
-      if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode[, path]
-        inside = len(fields) >= 6 and fields[5] == path
-      elif inside and fields[0] == "Rss:":
-        total_kb += int(fields[1])
-  return total_kb / 1024
+def smaps_rss_mb(pid: int | str, under: str) -> tuple[float, float]:
+  """``(RSS, resident pages of its mappings of the file or folder under)`` of a process (``"self"``), MB.
+
+  Read from ``/proc/PID/smaps``; ``(0, 0)`` once the process is gone.
+  """
+  under = os.path.realpath(under)
+  total = matched = 0
+  inside = False
+  try:
+    with open(f"/proc/{pid}/smaps", encoding="utf-8") as f:
+      for line in f:
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode[, path]
+          inside = len(fields) >= 6 and (fields[5] == under or fields[5].startswith(under + os.sep))
+        elif fields[0] == "Rss:":
+          total += int(fields[1])
+          matched += int(fields[1]) if inside else 0
+  except OSError:
+    pass
+  return total / 1024, matched / 1024
 
 
 def prepare_worker(manual_dir: str, data_dir: str):
@@ -282,7 +291,7 @@ def pipeline_stage(config, max_batches: int) -> tuple[dict, object, object]:
   sampler = PairSampler.create(stream.training_data(range(len(stream))), tokenizer)
   steps = sampler.steps_per_epoch(config.train.batch_size)
   steps = min(steps, max_batches) if max_batches else steps
-  before_mb, pages_before_mb = rss_mb(), mapped_rss_mb(cache_file)
+  before_mb, pages_before_mb = rss_mb(), smaps_rss_mb("self", cache_file)[1]
 
   def draw():
     batches = sampler.epoch(config.train.batch_size, config.seed, 0, 0)
@@ -291,7 +300,7 @@ def pipeline_stage(config, max_batches: int) -> tuple[dict, object, object]:
     batches.close()
 
   seconds = common.timed(draw)
-  pages_mb = mapped_rss_mb(cache_file)
+  pages_mb = smaps_rss_mb("self", cache_file)[1]
   out.update(pipeline_pairs_s=steps * config.train.batch_size / seconds, before_pipeline_mb=before_mb,
              cache_pages_mb=pages_mb, pipeline_growth_mb=rss_mb() - before_mb - (pages_mb - pages_before_mb),
              train_images=len(sampler.examples), tasks=len(stream))
@@ -356,24 +365,6 @@ def get_config():
 """
 
 
-def _rss_parts_mb(pid: int, cache_dir: str) -> tuple[float, float]:
-  """``(RSS, resident pages of its mappings of files under cache_dir)`` of process ``pid``, MB (0, 0 once gone)."""
-  total = cache = 0
-  inside = False
-  try:
-    with open(f"/proc/{pid}/smaps", encoding="utf-8") as f:
-      for line in f:
-        fields = line.split()
-        if not fields[0].endswith(":"):
-          inside = len(fields) >= 6 and fields[5].startswith(cache_dir + os.sep)
-        elif fields[0] == "Rss:":
-          total += int(fields[1])
-          cache += int(fields[1]) if inside else 0
-  except OSError:
-    pass
-  return total / 1024, cache / 1024
-
-
 def full_run(folder: str, data_dir: str, cache_dir: str, batch_size: int) -> dict:
   """``python -m ccmr_jax.main`` on the stand-in: configs/flickr.py, tiny towers, 1 epoch per task, ``batch_size``.
 
@@ -394,7 +385,7 @@ def full_run(folder: str, data_dir: str, cache_dir: str, batch_size: int) -> dic
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   peak = above_cache = cache_at_peak = 0.0
   while process.poll() is None:
-    rss, cache = _rss_parts_mb(process.pid, os.path.realpath(cache_dir))
+    rss, cache = smaps_rss_mb(process.pid, cache_dir)
     if rss > peak:
       peak, cache_at_peak = rss, cache
     above_cache = max(above_cache, rss - cache)

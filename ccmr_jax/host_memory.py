@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -35,8 +36,9 @@ _NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimmin
 ENV_VAR = "CCMR_JAX_HOST_MALLOC"
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
-  """The running glibc as a ctypes library, or None (another C library, or none found)."""
+  """The running glibc as a ctypes library, or None (another C library, or none found); looked up once."""
   name = ctypes.util.find_library("c")
   if not name:
     return None

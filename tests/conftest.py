@@ -3,13 +3,7 @@
 Every test in this process shares one persistent compilation cache: runs of
 the same config build new jitted closures of the same programs, and the cache
 compiles each program once (it hands back the same executable, so the same
-numbers). Under pytest-xdist each worker is such a process, with a cache of
-its own: no worker loads executables another compiled, so multi-device steps
-come from the cache no more often than in one process (README, "Known
-XLA:CPU hang").
-
-Finished runs that several tests only read are session fixtures, made once
-per process.
+numbers).
 """
 
 import ccmr_jax  # noqa: F401  first: its host-memory setting reaches every thread (ccmr_jax/host_memory.py)
@@ -31,51 +25,7 @@ jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-from ccmr_jax import experiment  # noqa: E402
 from ccmr_jax.data.examples import Examples  # noqa: E402
-from configs import tiny  # noqa: E402
-
-# The tiny config under a continual strategy with every kind of carried state but LwF's teacher (LwF on several
-# devices stays off the compilation cache: README, "Known XLA:CPU hang").
-EWC_REPLAY = {"train.strategy": "ewc+replay", "continual.replay.memory_per_task": 20}
-# Session fixtures whose readers run on one xdist worker (--dist loadgroup), which makes the run once: fixture ->
-# group. ewc_replay_run is not here: its readers (test_integrity) are a third of the suite's time, so both workers
-# take some of them and each makes the run once.
-SHARED_RUN_GROUPS = {"tiny_run": "tiny_run"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
-def pytest_collection_modifyitems(items):
-  for item in items:
-    for fixture, group in SHARED_RUN_GROUPS.items():
-      if fixture in item.fixturenames:
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
-def tiny_config(overrides: dict):
-  """configs/tiny.py with ``overrides`` ({"section.field": value}) applied."""
-  config = tiny.get_config()
-  for path, value in overrides.items():
-    section, field = path.rsplit(".", 1)
-    node = config
-    for part in section.split("."):
-      node = node[part]
-    node[field] = value
-  return config
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-  """One finished run of configs/tiny.py, (workdir, results), shared by the tests that read it; they change copies."""
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, experiment.run(tiny.get_config(), workdir)
-
-
-@pytest.fixture(scope="session")
-def ewc_replay_run(tmp_path_factory):
-  """One finished run of the tiny config with ``EWC_REPLAY``, (workdir, results), shared like ``tiny_run``."""
-  workdir = str(tmp_path_factory.mktemp("ewc_replay_run"))
-  return workdir, experiment.run(tiny_config(EWC_REPLAY), workdir)
 
 
 @pytest.fixture(scope="session")

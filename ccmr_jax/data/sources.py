@@ -160,6 +160,39 @@ def prepared_builder(source: str, data_dir: str, manual_dir: str = ""):
   return builder
 
 
+def _existing_cache(path: str, counts: dict[str, int], data_dir: str) -> images.ImageCache | None:
+  """The complete cache at ``path`` if there is one; a :class:`DataError` if it is not the dataset's."""
+  try:
+    cache = images.open_cache(path)
+  except ValueError as e:
+    raise DataError(str(e)) from e
+  if cache is None:
+    return None
+  cached_counts = {split: cache.meta["splits"].get(split, {}).get("rows", [0, 0]) for split in counts}
+  if all(stop - start == counts[split] for split, (start, stop) in cached_counts.items()):
+    return cache
+  raise DataError(f"the image cache {path} does not match the TFDS dataset in {data_dir} "
+                  f"(images per split: cache {cached_counts}, dataset {counts}); delete {path} to rebuild it")
+
+
+def _cache_example_fn(tf, stored_size: int, with_object_labels: bool):
+  """The tf.data map from a TFDS example to what the cache keeps: the square image, its id, captions (labels)."""
+
+  def prepare(example):
+    image = example["image"]
+    sides = tf.cast(tf.shape(image)[:2], tf.float32)
+    new_sides = tf.maximum(tf.cast(tf.round(sides * stored_size / tf.reduce_min(sides)), tf.int32), stored_size)
+    image = tf.image.resize(image, new_sides, method="bilinear", antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, stored_size, stored_size)
+    out = {"image": tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), "id": example["image/id"],
+           "captions": example["captions"]["text"]}
+    if with_object_labels:
+      out["labels"] = example["objects"]["label"]
+    return out
+
+  return prepare
+
+
 def image_cache(builder, splits: tuple[str, ...], stored_size: int, cache_dir: str,
                 with_object_labels: bool) -> images.ImageCache:
   """The image cache of ``splits`` of a prepared TFDS builder; built on first use.
@@ -182,29 +215,10 @@ def image_cache(builder, splits: tuple[str, ...], stored_size: int, cache_dir: s
   datasets = {split: builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
               for split in splits}
   counts = {split: int(ds.cardinality()) for split, ds in datasets.items()}
-  try:
-    cache = images.open_cache(path)
-  except ValueError as e:
-    raise DataError(str(e)) from e
+  cache = _existing_cache(path, counts, builder.data_dir)
   if cache is not None:
-    cached_counts = {split: cache.meta["splits"].get(split, {}).get("rows", [0, 0]) for split in splits}
-    if all(stop - start == counts[split] for split, (start, stop) in cached_counts.items()):
-      return cache
-    raise DataError(f"the image cache {path} does not match the TFDS dataset in {builder.data_dir} "
-                    f"(images per split: cache {cached_counts}, dataset {counts}); delete {path} to rebuild it")
-
-  def prepare(example):
-    image = example["image"]
-    sides = tf.cast(tf.shape(image)[:2], tf.float32)
-    new_sides = tf.maximum(tf.cast(tf.round(sides * stored_size / tf.reduce_min(sides)), tf.int32), stored_size)
-    image = tf.image.resize(image, new_sides, method="bilinear", antialias=True)
-    image = tf.image.resize_with_crop_or_pad(image, stored_size, stored_size)
-    out = {"image": tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), "id": example["image/id"],
-           "captions": example["captions"]["text"]}
-    if with_object_labels:
-      out["labels"] = example["objects"]["label"]
-    return out
-
+    return cache
+  prepare = _cache_example_fn(tf, stored_size, with_object_labels)
   meta = {"tfds_name": builder.name, "tfds_version": str(builder.version), "splits": {}}
 
   def rows():
