@@ -168,6 +168,10 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], arch: Architect
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def _torch_state_dict(path: str) -> tuple[dict, bool]:
   """``(state dict of tensors, whether it was OpenAI's TorchScript archive)``."""
   try:
@@ -180,8 +184,8 @@ def _torch_state_dict(path: str) -> tuple[dict, bool]:
     try:
       return torch.jit.load(path, map_location="cpu").state_dict(), True
     except Exception as e:  # noqa: BLE001 - neither: say both reasons
-      raise ValueError(f"{path} is neither a torch.save checkpoint ({load_error}) nor a TorchScript archive "
-                       f"({e})") from e
+      raise ValueError(f"{path} is neither a torch.save checkpoint ({_first_line(load_error)}) nor a TorchScript "
+                       f"archive ({_first_line(e)})") from e
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], bool]:
