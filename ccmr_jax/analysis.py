@@ -8,8 +8,10 @@ measures, in numpy (exact searches through :mod:`ccmr_jax.exact`), the three eff
     put them, and whether it kept their neighbourhoods;
   * alignment — how well queries (always embedded by ``S_t``) line up with
     the gallery vectors an indexing policy searches (``S_t`` for ``reindex``,
-    ``S_k`` for ``no_reindex``): under ``no_reindex`` the two sides come from
-    different snapshots, and this measures the price of that mismatch;
+    ``S_k`` for ``no_reindex``, moved by a drift map for the compensation
+    policies): under ``no_reindex`` the two sides come from different
+    snapshots, and this measures the price of that mismatch (and how much a
+    map recovers);
   * confusion — in task-agnostic search (the union of all seen galleries),
     how often a query's results come from another task's gallery.
 
@@ -26,7 +28,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccmr_jax import files, manifest, policies
+from ccmr_jax import drift_maps, files, manifest, policies
 from ccmr_jax import workdir as layout
 from ccmr_jax.exact import top_k as exact_top_k
 from ccmr_jax.metrics import unit_rows
@@ -186,6 +188,33 @@ def _matrix(cells: dict, key: str, size: int) -> list[list]:
   return [[_rounded(cells[t, k][key]) if (t, k) in cells else None for k in range(size)] for t in range(size)]
 
 
+def analysable_policies(workdir: str, num_tasks_trained: int) -> list[str]:
+  """Every policy of :data:`ccmr_jax.policies.POLICY_NAMES` whose vectors the workdir holds: a policy that
+  applies drift maps needs ``maps/after_task_TT.npz`` for every trained ``t > 0``."""
+  have_maps = all(manifest.is_sealed(layout.drift_maps_path(workdir, t)) for t in range(1, num_tasks_trained))
+  return [p for p in policies.POLICY_NAMES if have_maps or not policies.get(p).maps_needed()]
+
+
+def _policy_cell(view: policies.PolicyView, k: int, modalities: tuple[str, str], caption_image: np.ndarray,
+                 top_k: int, per_part: bool) -> tuple[dict, dict]:
+  """Alignment and confusion of task ``k``'s queries under one policy's view, one direction."""
+  query_modality, gallery_modality = modalities
+  q, g = MODALITIES.index(query_modality), MODALITIES.index(gallery_modality)
+  queries = view.queries[k][k][q]
+  sides = {query_modality: queries, gallery_modality: view.galleries[k][g]}
+  alignment = cross_modal_alignment(sides["images"], sides["captions"], caption_image)
+  galleries = [gallery[g] for gallery in view.galleries]
+  row_task = np.repeat(np.arange(len(galleries)), [len(gallery) for gallery in galleries])
+  if per_part:
+    found = [exact_top_k(gallery, view.queries[k][j][q], min(top_k, len(gallery))) for j, gallery in enumerate(galleries)]
+    scores = [np.einsum("qd,qkd->qk", view.queries[k][j][q], gallery[rows])
+              for j, (gallery, rows) in enumerate(zip(galleries, found))]
+    top = policies.merge_top_k(found, scores, [len(gallery) for gallery in galleries], min(top_k, len(row_task)))[0]
+  else:
+    top = exact_top_k(np.concatenate(galleries), queries, min(top_k, len(row_task)))
+  return alignment, inter_task_confusion(top, row_task, k)
+
+
 def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k: int = 10) -> dict:
   """Drift, alignment and confusion of a run, from the embeddings in its workdir.
 
@@ -193,7 +222,10 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
   ``t``, on task ``k``), ``None`` where undefined: drift is defined for
   ``k < t``, alignment and confusion for ``k <= t``. For policy ``p`` the
   gallery of task ``k`` after task ``t`` is embedded by ``S_g``, ``g = t``
-  (``reindex``) or ``g = k`` (``no_reindex``); queries by ``S_t``.
+  (``reindex``) or ``g = k`` (the others); queries by ``S_t``; both moved as
+  the policy moves them (:func:`ccmr_jax.policies.policy_view`, with the
+  workdir's drift maps). A policy that moves its queries per gallery is
+  searched per gallery, hits merged by score.
 
     drift[modality][stat][t][k]      = embedding_drift(task k by S_k, task k by S_t)
     alignment[p][direction][stat][t][k]
@@ -224,22 +256,21 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
       for modality in MODALITIES:
         drift_cells[modality][t, k] = embedding_drift(load(k, k)[modality], load(t, k)[modality], knn_k)
 
-  alignment_cells = {p: {d: {} for d in QUERY_GALLERY} for p in policies.POLICY_NAMES}
-  confusion_cells = {p: {d: {} for d in QUERY_GALLERY} for p in policies.POLICY_NAMES}
+  names = analysable_policies(workdir, size)
+  alignment_cells = {p: {d: {} for d in QUERY_GALLERY} for p in names}
+  confusion_cells = {p: {d: {} for d in QUERY_GALLERY} for p in names}
   for t in range(size):
-    for policy in policies.POLICY_NAMES:
-      for direction, (query_modality, gallery_modality) in QUERY_GALLERY.items():
-        galleries = [load(policies.snapshot_for_gallery(policy, k, t), k)[gallery_modality] for k in range(t + 1)]
-        union = np.concatenate(galleries)
-        row_task = np.repeat(np.arange(t + 1), [len(g) for g in galleries])
+    maps = drift_maps.DriftMaps.load(layout.drift_maps_path(workdir, t), t) if t and policies.maps_needed(names) \
+        else None
+    current = [policies.EmbeddedSplit(load(t, k)["images"], load(t, k)["captions"]) for k in range(t + 1)]
+    for policy in names:
+      view = policies.policy_view(policies.get(policy), t, current,
+                                  lambda s, k: policies.EmbeddedSplit(load(s, k)["images"], load(s, k)["captions"]),
+                                  maps)
+      for direction, modalities in QUERY_GALLERY.items():
         for k in range(t + 1):
-          queries = load(t, k)[query_modality]
-          sides = {query_modality: queries, gallery_modality: galleries[k]}
-          alignment_cells[policy][direction][t, k] = cross_modal_alignment(
-              sides["images"], sides["captions"], load(k, k)["caption_image"])
-          confusion_cells[policy][direction][t, k] = inter_task_confusion(
-              exact_top_k(union, queries, min(top_k, len(union))), row_task, k)
-
+          alignment_cells[policy][direction][t, k], confusion_cells[policy][direction][t, k] = _policy_cell(
+              view, k, modalities, load(k, k)["caption_image"], top_k, per_part=policies.get(policy).query_map)
   def matrices(cells: dict, keys: tuple[str, ...]) -> dict:
     return {key: _matrix(cells, key, size) for key in keys}
 
@@ -250,9 +281,9 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
       "definitions": DEFINITIONS,
       "drift": {m: matrices(drift_cells[m], ("mean_cosine", "knn_overlap")) for m in MODALITIES},
       "alignment": {p: {d: matrices(alignment_cells[p][d], ("matched_cosine", "unmatched_cosine", "modality_gap"))
-                        for d in QUERY_GALLERY} for p in policies.POLICY_NAMES},
+                        for d in QUERY_GALLERY} for p in names},
       "confusion": {p: {d: matrices(confusion_cells[p][d], ("top1_other_task", "topk_other_task"))
-                        for d in QUERY_GALLERY} for p in policies.POLICY_NAMES},
+                        for d in QUERY_GALLERY} for p in names},
   }
 
 

@@ -38,6 +38,8 @@ def continual_defaults() -> ml_collections.ConfigDict:
     (5% of a task of the scenes config); ``replay.selection = "reservoir"``
     (or ``"herding"``); ``replay.fraction = 0.25``: share of every batch
     drawn from the memory.
+  * ``bct.weight = 1``: loss ``L + weight * backward_compatible(...)``, the
+    cross-model contrastive term against the previous snapshot's embeddings.
   * ``importance.max_batches = 50``: batches of the finished task's training
     data (at most) behind the Fisher and MAS estimates; 50 batches of 128
     cover a whole task of the scenes config.
@@ -54,4 +56,5 @@ def continual_defaults() -> ml_collections.ConfigDict:
       "lwf": {"weight": 1.0, "temperature": 0.1, "parts": ("cross", "image", "text")},
       "replay": {"memory_per_task": 200, "selection": "reservoir", "fraction": 0.25},
       "importance": {"max_batches": 50},
+      "bct": {"weight": 1.0},
   })

@@ -8,11 +8,17 @@ After training task ``t``, :func:`evaluate_after_task`
      ``galleries/task_TT.json``);
   2. builds and saves the ScaNN index of each of those galleries
      (``index/snapshot_TT/task_KK/{images,captions}``);
-  3. for each policy of :data:`ccmr_jax.policies.POLICIES` and each ``k``,
+  3. for ``t > 0``, embeds the drift maps' fit data (:mod:`ccmr_jax.drift_maps`)
+     with ``S_t`` and every older snapshot and fits the maps the policies
+     apply (``maps/after_task_TT.npz``);
+  4. for each policy of :data:`ccmr_jax.policies.POLICIES` and each ``k``,
      searches the gallery the policy names (stored by an earlier snapshot,
-     or just embedded) with task ``k``'s queries as the policy prepares them:
-     task-aware in ``k``'s own index, task-agnostic in the union of the
-     galleries of tasks ``0..t`` (``index/union/POLICY/after_task_TT``).
+     moved by a map or not, or just embedded) with task ``k``'s queries as
+     the policy prepares them: task-aware in ``k``'s own index (a moved
+     gallery's in ``index/mapped/POLICY/after_task_TT/task_KK``),
+     task-agnostic in the union of the galleries of tasks ``0..t``
+     (``index/union/POLICY/after_task_TT``), or, for a policy that moves
+     its queries per gallery, in each gallery's index, hits merged by score.
 
 Metrics and the policies' rules are numpy (:mod:`ccmr_jax.metrics`,
 :mod:`ccmr_jax.policies`); this module holds the jax side.
@@ -21,7 +27,8 @@ Metrics and the policies' rules are numpy (:mod:`ccmr_jax.metrics`,
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -29,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ccmr_jax import exact, files, index, manifest, metrics, sharding
+from ccmr_jax import drift_maps, exact, files, index, manifest, metrics, policies, sharding
 from ccmr_jax import workdir as layout
 from ccmr_jax.data.examples import Examples, caption_text_ids
 from ccmr_jax.data.tokenizer import Tokenizer
@@ -152,9 +159,14 @@ def query_gallery(queries: EmbeddedSplit, searchers: Searchers, gallery: Embedde
 
 
 def embed_seen_tasks(t: int, params, splits: Sequence[Examples], tokenizer: Tokenizer,
-                     embedders: Embedders) -> list[EmbeddedSplit]:
-  """The evaluation splits of tasks ``0..t`` embedded by ``S_t`` (every process takes part)."""
-  return [embedders.embed(params, splits[k], tokenizer) for k in range(t + 1)]
+                     embedders: Embedders) -> tuple[list[EmbeddedSplit], list[float]]:
+  """The evaluation splits of tasks ``0..t`` embedded by ``S_t``, and the seconds each took (every process)."""
+  embedded, seconds = [], []
+  for k in range(t + 1):
+    start = time.perf_counter()
+    embedded.append(embedders.embed(params, splits[k], tokenizer))
+    seconds.append(round(time.perf_counter() - start, 4))
+  return embedded, seconds
 
 
 def gallery_metadata(split: Examples, split_name: str) -> dict:
@@ -175,48 +187,112 @@ def export_and_index(t: int, current: Sequence[EmbeddedSplit], splits: Sequence[
     build_and_save_indexes(embedded, embedded, functools.partial(layout.index_dir, workdir, t, k), config)
 
 
-def stored_gallery(policy: IndexingPolicy, k: int, t: int, current: Sequence[EmbeddedSplit],
-                   workdir: str) -> tuple[EmbeddedSplit, Searchers]:
-  """Task ``k``'s gallery after task ``t`` as ``policy`` names it, with its saved indexes."""
-  snapshot = policy.gallery_snapshot(k, t)
-  searchers = load_searchers(functools.partial(layout.index_dir, workdir, snapshot, k))
-  if snapshot == t:
-    return current[k], searchers
-  path = layout.embeddings_path(workdir, snapshot, k)
-  stored = manifest.load_npz(path)
-  if not all(np.isfinite(stored[part]).all() for part in layout.GALLERIES):
-    raise files.CorruptFileError(f"{path} holds NaN or Inf embeddings; delete it (and the evaluations from task "
-                                 f"{snapshot} on) to recompute it from snapshot {snapshot}")
-  return EmbeddedSplit(stored["images"], stored["captions"]), searchers
+def stored_embeddings(workdir: str) -> Callable[[int, int], EmbeddedSplit]:
+  """``stored(snapshot, k)``: task ``k``'s split as ``snapshot`` embedded it, read from the workdir (checked finite)."""
+
+  def stored(snapshot: int, k: int) -> EmbeddedSplit:
+    path = layout.embeddings_path(workdir, snapshot, k)
+    arrays = manifest.load_npz(path)
+    if not all(np.isfinite(arrays[part]).all() for part in layout.GALLERIES):
+      raise files.CorruptFileError(f"{path} holds NaN or Inf embeddings; delete it (and the evaluations from task "
+                                   f"{snapshot} on) to recompute it from snapshot {snapshot}")
+    return EmbeddedSplit(arrays["images"], arrays["captions"])
+
+  return stored
+
+
+def gallery_searchers(policy: IndexingPolicy, view: policies.PolicyView, t: int, workdir: str,
+                      config: ml_collections.ConfigDict) -> list[Searchers]:
+  """The task-aware indexes of each gallery of ``view``: stored ones, or built (and saved) for moved galleries."""
+  searchers = []
+  for k, gallery in enumerate(view.galleries):
+    if policy.moves_gallery(k, t):
+      paths = functools.partial(layout.mapped_index_dir, workdir, policy.name, t, k)
+      build_and_save_indexes(gallery, view.queries[k][k], paths, config)
+    else:
+      paths = functools.partial(layout.index_dir, workdir, policy.gallery_snapshot(k, t), k)
+    searchers.append(load_searchers(paths))
+  return searchers
+
+
+def search_parts(query_parts: Sequence[EmbeddedSplit], searchers: Sequence[Searchers],
+                 galleries: Sequence[EmbeddedSplit], k: int) -> tuple[np.ndarray, np.ndarray, float | None]:
+  """Task-agnostic search, one index per gallery: each searched with its own queries, hits merged by score.
+
+  Returns i2t and t2i rows into the union (galleries concatenated in task
+  order) and, with approximate indexes, the mean agreement of the parts.
+  """
+  found = [search_both_ways(q, s, g, k) for q, s, g in zip(query_parts, searchers, galleries)]
+  merged = []
+  for direction in range(2):  # 0: i2t (image queries, caption galleries), 1: t2i
+    part_rows = [f[direction] for f in found]
+    part_scores = [_scores(q[direction], g[1 - direction], r) for q, g, r in zip(query_parts, galleries, part_rows)]
+    merged.append(policies.merge_top_k(part_rows, part_scores, [len(g[1 - direction]) for g in galleries], k)[0])
+  agreements = [f[2] for f in found if f[2] is not None]
+  return merged[0], merged[1], (float(np.mean(agreements)) if agreements else None)
+
+
+def _scores(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """Inner products of each query with its found gallery rows (comparable across parts)."""
+  return np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), np.asarray(gallery, np.float32)[rows])
 
 
 def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedSplit], splits: Sequence[Examples],
-                     workdir: str, config: ml_collections.ConfigDict) -> dict[str, dict]:
+                     workdir: str, config: ml_collections.ConfigDict, maps=None) -> dict[str, dict]:
   """``{scope: {str(k): metrics}}`` of one policy after task ``t``."""
   ks = config.eval.ks
-  queries = [policy.prepare_queries(current[k], k, t) for k in range(t + 1)]
-  galleries, task_aware = [], {}
-  for k in range(t + 1):
-    gallery, searchers = stored_gallery(policy, k, t, current, workdir)
-    galleries.append(gallery)
-    task_aware[str(k)] = query_gallery(queries[k], searchers, gallery, metrics.GroundTruth.from_examples(splits[k]),
-                                       ks)
-  union = EmbeddedSplit(*(np.concatenate(part) for part in zip(*galleries)))
-  union_paths = functools.partial(layout.union_index_dir, workdir, policy.name, t)
-  build_and_save_indexes(union, EmbeddedSplit(*(np.concatenate(part) for part in zip(*queries))), union_paths,
-                         config)
-  union_searchers = load_searchers(union_paths)
+  view = policies.policy_view(policy, t, current, stored_embeddings(workdir), maps)
+  searchers = gallery_searchers(policy, view, t, workdir, config)
+  task_aware = {str(k): query_gallery(view.queries[k][k], searchers[k], view.galleries[k],
+                                      metrics.GroundTruth.from_examples(splits[k]), ks) for k in range(t + 1)}
   union_truth = metrics.UnionGallery.from_tasks(splits[:t + 1])
+  if policy.query_map is None:
+    union = EmbeddedSplit(*(np.concatenate(part) for part in zip(*view.galleries)))
+    union_paths = functools.partial(layout.union_index_dir, workdir, policy.name, t)
+    build_and_save_indexes(union, EmbeddedSplit(*(np.concatenate(part) for part in zip(*current))), union_paths,
+                           config)
+    union_searchers = load_searchers(union_paths)
   task_agnostic = {}
   for k in range(t + 1):
-    i2t_rows, t2i_rows, agreement = search_both_ways(queries[k], union_searchers, union, max(ks))
+    if policy.query_map is None:
+      found = search_both_ways(view.queries[k][k], union_searchers, union, max(ks))
+    else:
+      found = search_parts(view.queries[k], searchers, view.galleries, max(ks))
+    i2t_rows, t2i_rows, agreement = found
     task_agnostic[str(k)] = _with_agreement(union_truth.metrics(k, i2t_rows, t2i_rows, ks), agreement)
   return {"task_aware": task_aware, "task_agnostic": task_agnostic}
 
 
+def fit_maps(t: int, params, fit_data: Examples, restore: Callable[[int], Any], tokenizer: Tokenizer,
+             embedders: Embedders, ridge: float) -> tuple[drift_maps.DriftMaps, dict]:
+  """The drift maps between ``S_t`` and each older snapshot, on ``fit_data``, and what fitting them cost.
+
+  Every process embeds (the embedders are collective); ``restore(k)`` gives ``S_k``'s params.
+
+  Returns:
+    The maps, and ``{"items": encoder passes over fit items (images + captions, by S_t and every S_k),
+    "embed_s": seconds of those passes, "solve_s": seconds of the fits}``.
+  """
+  embed_seconds = 0.0
+
+  def embed(snapshot_params) -> EmbeddedSplit:
+    nonlocal embed_seconds
+    start = time.perf_counter()
+    embedded = embedders.embed(snapshot_params, fit_data, tokenizer)
+    embed_seconds += time.perf_counter() - start
+    return embedded
+
+  start = time.perf_counter()
+  maps = drift_maps.fit_drift_maps(t, embed(params), lambda k: embed(restore(k)), policies.maps_needed(), ridge)
+  total = time.perf_counter() - start
+  items = (len(fit_data) + fit_data.num_captions) * (t + 1)
+  return maps, {"items": items, "embed_s": round(embed_seconds, 4), "solve_s": round(total - embed_seconds, 4)}
+
+
 def evaluate_after_task(t: int, params, splits: Sequence[Examples], tokenizer: Tokenizer, embedders: Embedders,
-                        workdir: str, config: ml_collections.ConfigDict) -> dict:
-  """Embeds, exports and indexes the seen tasks' splits with ``S_t``, then queries every policy.
+                        workdir: str, config: ml_collections.ConfigDict, fit_data: Examples | None = None,
+                        restore: Callable[[int], Any] | None = None) -> dict:
+  """Embeds, exports and indexes the seen tasks' splits with ``S_t``, fits the drift maps, then queries every policy.
 
   Args:
     t: the task just trained.
@@ -224,22 +300,41 @@ def evaluate_after_task(t: int, params, splits: Sequence[Examples], tokenizer: T
     splits: the evaluation split (``config.eval.split``) of every task, in task order.
     tokenizer: the run's tokenizer.
     embedders: from :func:`make_embedders`.
-    workdir: where embeddings and indexes are written (by process 0).
+    workdir: where embeddings, maps and indexes are written (by process 0).
     config: the experiment config (``eval.ks``, ``eval.index_mode``, ``eval.ann_threshold``,
-      ``eval.ann_recall_target``).
+      ``eval.ann_recall_target``, ``eval.drift_maps``).
+    fit_data: the data the drift maps are fitted on (:func:`ccmr_jax.drift_maps.fit_examples`); needed for ``t > 0``.
+    restore: ``restore(k)`` → snapshot ``S_k``'s params; needed for ``t > 0``.
 
   Returns:
-    ``{scope: {policy: {str(k): metrics}}}``; empty dicts on processes other than 0.
+    ``{scope: {policy: {str(k): metrics}}, "cost": ...}``; the cost (every process) holds each seen split's
+    ``items`` (images + captions) and the ``embed_s`` ``S_t`` took on it, and the ``fit`` of the maps
+    (:func:`fit_maps`). Metrics are empty dicts on processes other than 0.
   """
-  current = embed_seen_tasks(t, params, splits, tokenizer, embedders)
+  current, seconds = embed_seen_tasks(t, params, splits, tokenizer, embedders)
+  maps, fit_cost = None, {"items": 0, "embed_s": 0.0, "solve_s": 0.0}
+  if t > 0:
+    if fit_data is None or restore is None:
+      raise ValueError(f"evaluating task {t} needs the drift maps' fit data and the older snapshots")
+    maps, fit_cost = fit_maps(t, params, fit_data, restore, tokenizer, embedders, drift_map_settings(config)[1])
   results = {scope: {name: {} for name in POLICIES} for scope in metrics.SCOPES}
+  results["cost"] = {"items": [len(split) + split.num_captions for split in splits[:t + 1]], "embed_s": seconds,
+                     "fit": fit_cost}
   if jax.process_index() != 0:
     return results
   export_and_index(t, current, splits, workdir, config)
+  if maps is not None:
+    maps.save(layout.drift_maps_path(workdir, t))
   for name, policy in POLICIES.items():
-    for scope, per_task in _evaluate_policy(policy, t, current, splits[:t + 1], workdir, config).items():
+    for scope, per_task in _evaluate_policy(policy, t, current, splits[:t + 1], workdir, config, maps).items():
       results[scope][name] = per_task
   return results
+
+
+def drift_map_settings(config: ml_collections.ConfigDict) -> tuple[int, float]:
+  """``(eval.drift_maps.fit_images, eval.drift_maps.ridge)``; a run configured before they existed gets the defaults."""
+  settings = config.eval.get("drift_maps", None) or {}
+  return (settings.get("fit_images", drift_maps.DEFAULT_FIT_IMAGES), settings.get("ridge", drift_maps.DEFAULT_RIDGE))
 
 
 def evaluate_zero_shot(params, splits: Sequence[Examples], tokenizer: Tokenizer, embedders: Embedders,

@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 from absl import logging
 
-from ccmr_jax import (analysis, checkpoint, evaluate, files, host_memory, index, integrity, manifest, metrics, pretrain,
-                      report, search_figures, sharding, train)
+from ccmr_jax import (analysis, checkpoint, drift_maps, evaluate, files, host_memory, index, integrity, manifest,
+                      metrics, pretrain, report, search_figures, sharding, train)
 from ccmr_jax import workdir as layout
 from ccmr_jax.cli import UserError
 from ccmr_jax.continual import replay
@@ -58,7 +58,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects config values that cannot work, naming the field and the fix."""
   try:
     sources.check_data_config(config)
-    parse_strategy(config.train.strategy)
+    if parse_strategy(config.train.strategy).uses_compatibility and "bct" not in config.continual:
+      raise ValueError("train.strategy uses bct but config.continual has no bct section; add "
+                       "config.continual.bct = ml_collections.ConfigDict({'weight': 1.0}) (see ccmr_jax/defaults.py)")
     check_continual_config(config.continual)
     train.trainable_patterns(config.train.get("trainable", "all"))
   except ValueError as e:
@@ -80,6 +82,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   target = evaluate.recall_target(config)
   if not (isinstance(target, (int, float)) and 0 < target <= 1):
     raise UserError(f"eval.ann_recall_target must be a recall in (0, 1], got {target!r}")
+  fit_images, ridge = evaluate.drift_map_settings(config)
+  if not (isinstance(fit_images, int) and fit_images > 0):
+    raise UserError(f"eval.drift_maps.fit_images must be a positive whole number, got {fit_images!r}")
+  if not (isinstance(ridge, (int, float)) and ridge >= 0):
+    raise UserError(f"eval.drift_maps.ridge must be >= 0, got {ridge!r}")
   checkpoint_every = config.train.get("checkpoint_every", 0)  # absent (a run made before it existed): none
   if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
     raise UserError(f"train.checkpoint_every must be a whole number of steps, 0 for never, got {checkpoint_every!r}")
@@ -244,7 +251,8 @@ def build_components(config: ml_collections.ConfigDict, workdir: str) -> Compone
   except ValueError as e:
     raise UserError(str(e)) from e
   optimizer = train.make_optimizer(config.train, strategy.regularizers(config))
-  loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None)
+  loss_fn = train.make_loss_fn(model, config.loss, config.continual.lwf if strategy.uses_distillation else None,
+                               config.continual.bct if strategy.uses_compatibility else None)
   return Components(
       stream=stream, task_info=task_info, tokenizer=tokenizer, strategy=strategy, mesh=mesh, model=model,
       initial_params=params, abstract_params=checkpoint.abstract_like(params), optimizer=optimizer, loss_fn=loss_fn,
@@ -324,7 +332,7 @@ def train_task(c: Components, t: int, carried: CarriedState, workdir: str,
   steps_per_epoch = sampler.steps_per_epoch(config.train.batch_size)
   total_steps = steps_per_epoch * config.train.epochs_per_task
   # Copied before the train state is built: the first step donates its params.
-  teacher = jax.tree.map(jnp.copy, carried.params) if c.strategy.uses_distillation and t > 0 else None
+  teacher = jax.tree.map(jnp.copy, carried.params) if c.strategy.uses_teacher and t > 0 else None
   state, start_step = _initial_train_state(c, t, carried, workdir, total_steps)
   logging.info("task %d (%s): %d steps on %d images (strategy %s)", t, c.stream.tasks[t].name,
                total_steps, num_images, c.strategy.name)
@@ -414,14 +422,29 @@ def zero_shot_row(c: Components, workdir: str, config: ml_collections.ConfigDict
   return row
 
 
+def drift_map_fit_data(c: Components, t: int, workdir: str, config: ml_collections.ConfigDict) -> Examples:
+  """The drift maps' fit data after task ``t``: task ``t``'s training draw and the replay memory kept before it.
+
+  The memory is read from the workdir (``continual/task_{t-1}/replay.npz``), so a resumed or re-evaluated
+  run fits on the same rows.
+  """
+  memory = None
+  if c.strategy.uses_replay and t > 0 and manifest.is_sealed(layout.replay_path(workdir, t - 1)):
+    memory = replay.ReplayMemory.load(layout.replay_path(workdir, t - 1)).examples(c.stream)
+  fit_images, _ = evaluate.drift_map_settings(config)
+  return drift_maps.fit_examples(c.stream.tasks[t].splits["train"], t, memory, fit_images, config.seed)
+
+
 def evaluate_and_record(c: Components, t: int, params, workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Evaluates ``S_t`` on every seen task and writes ``eval/after_task_TT.json`` and its TensorBoard scalars."""
   splits = [task.splits[config.eval.split] for task in c.stream.tasks]
-  evaluation = evaluate.evaluate_after_task(t, params, splits, c.tokenizer, c.embedders, workdir, config)
+  evaluation = evaluate.evaluate_after_task(
+      t, params, splits, c.tokenizer, c.embedders, workdir, config, fit_data=drift_map_fit_data(c, t, workdir, config),
+      restore=lambda k: checkpoint.restore_snapshot(workdir, k, c.abstract_params))
   if jax.process_index() == 0:
     manifest.write_json(layout.evaluation_path(workdir, t), evaluation)
-    for scope, per_policy in evaluation.items():
-      for policy, per_task in per_policy.items():
+    for scope in metrics.SCOPES:
+      for policy, per_task in evaluation[scope].items():
         for k, values in per_task.items():
           c.tensorboard.scalars(t, values, f"eval_{scope}_{policy}/task_{int(k):02d}")
     c.tensorboard.sync()

@@ -5,8 +5,8 @@ Every artifact (see :mod:`ccmr_jax.manifest`) is one of two sorts:
 * **computed** from others without training: the tokenizer (from task 0's
   captions or the pretrained card), the zero-shot row, and everything an
   evaluation writes — ``eval/after_task_TT.json``, the embeddings and
-  indexes of snapshot ``t``, the union indexes after task ``t``, task ``t``'s
-  gallery metadata — and
+  indexes of snapshot ``t``, the drift maps, the union and moved-gallery
+  indexes after task ``t``, task ``t``'s gallery metadata — and
   ``results.json``. A damaged one is deleted and recomputed: the rerun
   resumes at the evaluation that wrote it (re-evaluating from there reads
   only snapshots, which are intact), so the numbers come out the same.
@@ -47,6 +47,8 @@ PATTERNS = {
     "gallery": r"galleries/task_(\d+)\.json",
     "index": r"index/snapshot_(\d+)/task_\d+/(?:images|captions)",
     "union_index": r"index/union/[^/]+/after_task_(\d+)/(?:images|captions)",
+    "mapped_index": r"index/mapped/[^/]+/after_task_(\d+)/task_\d+/(?:images|captions)",
+    "drift_maps": r"maps/after_task_(\d+)\.npz",
 }
 TRAINED = ("snapshot", "regularizers", "replay", "progress")
 _COMPILED = {kind: re.compile(pattern + r"$") for kind, pattern in PATTERNS.items()}
@@ -108,7 +110,12 @@ def _expected_outputs(t: int) -> list[Artifact]:
     out.append(Artifact("embeddings", f"embeddings/snapshot_{t:02d}/task_{k:02d}.npz", t))
     out += [Artifact("index", f"index/snapshot_{t:02d}/task_{k:02d}/{g}", t) for g in layout.GALLERIES]
   out += [Artifact("union_index", f"index/union/{p}/after_task_{t:02d}/{g}", t)
-          for p in policies.POLICY_NAMES for g in layout.GALLERIES]
+          for p in policies.POLICY_NAMES if policies.get(p).query_map is None for g in layout.GALLERIES]
+  out += [Artifact("mapped_index", f"index/mapped/{p}/after_task_{t:02d}/task_{k:02d}/{g}", t)
+          for p in policies.POLICY_NAMES for k in range(t) if policies.get(p).moves_gallery(k, t)
+          for g in layout.GALLERIES]
+  if t > 0 and policies.maps_needed():
+    out.append(Artifact("drift_maps", f"maps/after_task_{t:02d}.npz", t))
   return out
 
 

@@ -59,6 +59,30 @@ def vse_hinge(image_emb: jnp.ndarray, text_emb: jnp.ndarray, margin: float,
   return (cost_caption.sum(axis=1) + cost_image.sum(axis=0)).mean()
 
 
+def backward_compatible(image_emb: jnp.ndarray, text_emb: jnp.ndarray, old_image_emb: jnp.ndarray,
+                        old_text_emb: jnp.ndarray, scale: jnp.ndarray, valid_negative: jnp.ndarray) -> jnp.ndarray:
+  """Cross-model InfoNCE: the new encoders' queries against the old encoders' gallery vectors.
+
+  With ``x_i``, ``y_i`` the new and ``x'_i``, ``y'_i`` the old (teacher)
+  embeddings of the same batch, image queries rank the old captions and
+  caption queries the old images:
+
+  ``L = 1/2 · mean_i [ -log softmax_j(scale·<x_i, y'_j>)_i - log softmax_j(scale·<y_i, x'_j>)_i ]``
+
+  over the positive and the valid negatives, so that new queries keep
+  finding their items in a gallery the old encoders embedded (the
+  backward-compatible training of Shen et al., CVPR 2020, as a contrastive
+  cross-modal term). The old embeddings carry no gradient.
+  """
+  keep = valid_negative | jnp.eye(image_emb.shape[0], dtype=bool)
+
+  def rows_cross_entropy(queries, gallery):
+    logits = jnp.where(keep, scale * queries @ jax.lax.stop_gradient(gallery).T, _NEG_INF)
+    return (jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)).mean()
+
+  return 0.5 * (rows_cross_entropy(image_emb, old_text_emb) + rows_cross_entropy(text_emb, old_image_emb))
+
+
 LOSSES = ("info_nce", "vse_hinge")
 
 

@@ -5,7 +5,8 @@
 
 Training is the expensive stage; the snapshots ``S_t`` it leaves fix
 everything evaluation needs. This command copies a run's ``config.json``,
-``tokenizer.json`` and ``snapshots/`` into a new workdir, changes only
+``tokenizer.json``, ``snapshots/`` and replay memories (the drift maps fit on
+them) into a new workdir, changes only
 ``config.eval`` (the split, the index mode), and runs the experiment there:
 every task has its snapshot, so nothing is trained, and the new workdir gets
 the recall matrices, reports and analysis of that evaluation.
@@ -50,6 +51,9 @@ def prepare(source: str, workdir: str, split: str, index_mode: str | None = None
   for task in snapshots:
     if task not in checkpoint.completed_snapshots(workdir):
       files.copy_tree(layout.snapshot_dir(source, task), layout.snapshot_dir(workdir, task))
+    memory = layout.replay_path(source, task)  # part of the drift maps' fit data (ccmr_jax.drift_maps)
+    if manifest.is_sealed(memory) and not manifest.is_sealed(layout.replay_path(workdir, task)):
+      manifest.write_file(layout.replay_path(workdir, task), manifest.read_file(memory))
   return config
 
 

@@ -33,16 +33,27 @@ DEFINITIONS = {
     "bwt": "mean over k < T-1 of R[T-1][k] - R[k][k] (Lopez-Paz & Ranzato)",
     "reindex": "after task t every seen gallery is embedded with snapshot S_t",
     "no_reindex": "the gallery of task k is embedded once with S_k and kept; queries use S_t",
+    "no_reindex+KIND": "the kept gallery of S_k, searched by S_t's queries moved into S_k's space by a map of KIND "
+                       "(shift, linear, procrustes) fitted after task t on task t's training data (and the replay memory)",
+    "remap_linear": "the kept gallery of S_k moved into S_t's space by a linear map fitted on the same data; no encoder pass",
+    "reindexing_cost": "per policy, over the run: gallery items (images + captions) passed through an encoder and the "
+                       "seconds it took, and the drift maps' fit (its items encoded by S_t and each older snapshot)",
     "task_aware": "queries of task k search task k's gallery only",
     "task_agnostic": "queries of task k search the union of every seen task's gallery (policies, per part)",
     "zero_shot[k]": "R[-1][k]: the starting encoders (before task 0) on task k's queries and gallery, task-aware",
 }
 
 
+def evaluated_policies(evaluations: Sequence[dict]) -> list[str]:
+  """The policies of :data:`ccmr_jax.policies.POLICY_NAMES` every evaluation holds (a run evaluated before a
+  policy existed lacks it)."""
+  return [p for p in policies.POLICY_NAMES if all(p in e[scope] for e in evaluations for scope in metrics.SCOPES)]
+
+
 def _policy_summaries(evaluations: Sequence[dict], scope: str, metric_names: Sequence[str]) -> dict:
   num_done = len(evaluations)
   summaries = {}
-  for policy in policies.POLICY_NAMES:
+  for policy in evaluated_policies(evaluations):
     per_metric = {}
     for metric in metric_names:
       matrix = np.full((num_done, num_done), np.nan)
@@ -72,7 +83,54 @@ def build_results(evaluations: Sequence[dict], metric_names: Sequence[str], run_
   for scope, key in metrics.SCOPES.items():
     approximate = any(metrics.ANN_AGREEMENT in m for e in evaluations for p in e[scope].values() for m in p.values())
     out[key] = _policy_summaries(evaluations, scope, [*metric_names, *([metrics.ANN_AGREEMENT] if approximate else [])])
+  out["reindexing_cost"] = reindexing_cost(evaluations)
   return out
+
+
+def reindexing_cost(evaluations: Sequence[dict]) -> dict:
+  """Per policy, what keeping its galleries searchable cost over the run (from each evaluation's ``cost``).
+
+  ``gallery_items_encoded``: images + captions of every gallery the policy
+  passes through an encoder (``reindex``: every seen gallery after every task;
+  the others: each gallery once, when its task ends), ``gallery_encode_s``
+  the seconds those passes took; ``fit_items_encoded`` / ``fit_s``: the drift
+  maps' fit data encoded by ``S_t`` and every older snapshot after each task
+  ``t > 0``, and the seconds of encoding and fitting (policies that apply a
+  map only). Index building is not counted. Empty when an evaluation predates
+  the cost record.
+  """
+  if not evaluations or any("cost" not in e for e in evaluations):
+    return {}
+  out = {}
+  for name in evaluated_policies(evaluations):
+    policy = policies.get(name)
+    totals = dict.fromkeys(("gallery_items_encoded", "gallery_encode_s", "fit_items_encoded", "fit_s"), 0)
+    for t, evaluation in enumerate(evaluations):
+      cost = evaluation["cost"]
+      for k in range(t + 1):
+        if policy.encodes_gallery(k, t):
+          totals["gallery_items_encoded"] += cost["items"][k]
+          totals["gallery_encode_s"] += cost["embed_s"][k]
+      if policy.maps_needed():
+        totals["fit_items_encoded"] += cost["fit"]["items"]
+        totals["fit_s"] += cost["fit"]["embed_s"] + cost["fit"]["solve_s"]
+    totals["total_items_encoded"] = totals["gallery_items_encoded"] + totals["fit_items_encoded"]
+    totals["total_s"] = totals["gallery_encode_s"] + totals["fit_s"]
+    out[name] = {key: round(value, 3) for key, value in totals.items()}
+  return out
+
+
+def cost_section(results: dict) -> list[str]:
+  """Report lines: the price of re-indexing beside each policy's final mean R@1."""
+  lines = ["## The price of re-indexing", "",
+           "| policy | gallery items encoded | gallery encoding s | fit items encoded | fit s | "
+           "final mean R@1 task-aware | task-agnostic |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for policy, cost in results["reindexing_cost"].items():
+    finals = [results.get(key, {}).get(policy, {}).get(metrics.HEADLINE, {}).get("final_average")
+              for key in metrics.SCOPES.values()]
+    lines.append(f"| {policy} | {cost['gallery_items_encoded']:.0f} | {cost['gallery_encode_s']:.2f} | "
+                 f"{cost['fit_items_encoded']:.0f} | {cost['fit_s']:.2f} | {_fmt(finals[0])} | {_fmt(finals[1])} |")
+  return lines + ["", "Encoder passes count images + captions; index building is not counted.", ""]
 
 
 def summary_rows(results: dict, metric_names: Sequence[str]) -> list[tuple[str, str, str, float, float | None, float | None]]:
@@ -170,6 +228,8 @@ def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
       parts += [f"## {scope}, `{policy}`: mean R@1 matrix", "",
                 matrix_table(per_metric[metrics.HEADLINE]["matrix"], names), "",
                 f"rsum matrix ({scope}, {policy}):", "", matrix_table(per_metric["rsum"]["matrix"], names), ""]
+  if results.get("reindexing_cost"):
+    parts += cost_section(results)
   if "analysis_summary" in results:
     parts += analysis_section(results["analysis_summary"])
   if results.get("examples"):
@@ -187,8 +247,8 @@ def _save_figure(fig, path: str) -> None:
 
 
 def plot_results(results: dict, workdir: str, metric: str = metrics.HEADLINE) -> list[str]:
-  """Recall-matrix heatmaps and per-task curves: rows are scopes, columns policies."""
-  columns = list(policies.POLICY_NAMES)
+  """Recall-matrix heatmaps, per-task curves (rows are scopes, columns policies) and the price of re-indexing."""
+  columns = [p for p in policies.POLICY_NAMES if p in results[metrics.SCOPES["task_aware"]]]
   scopes = [scope for scope, key in metrics.SCOPES.items() if key in results]
   names = [t["name"] for t in results["tasks"]]
   num = results["tasks_trained"]
@@ -235,7 +295,29 @@ def plot_results(results: dict, workdir: str, metric: str = metrics.HEADLINE) ->
   axes[0][-1].legend(fontsize=7, loc="best")
   curves_path = os.path.join(layout.plots_dir(workdir), "task_curves.png")
   _save_figure(fig, curves_path)
-  return [matrix_path, curves_path]
+  paths = [matrix_path, curves_path]
+  if results.get("reindexing_cost"):
+    paths.append(plot_reindexing_cost(results, os.path.join(layout.plots_dir(workdir), "reindexing_cost.png"),
+                                      metric))
+  return paths
+
+
+def plot_reindexing_cost(results: dict, path: str, metric: str = metrics.HEADLINE) -> str:
+  """Final average ``metric`` against the encoder passes each policy spent (gallery + maps' fit), per scope."""
+  fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+  for scope, key, marker in zip(metrics.SCOPES, metrics.SCOPES.values(), ("o", "s")):
+    for n, (policy, cost) in enumerate(results["reindexing_cost"].items()):
+      final = results.get(key, {}).get(policy, {}).get(metric, {}).get("final_average")
+      if final is not None:
+        ax.scatter(cost["total_items_encoded"], final, marker=marker, color=f"C{n}",
+                   label=f"{policy}" if scope == "task_aware" else None)
+  ax.set_xlabel("items passed through an encoder for galleries and maps over the run (images + captions)")
+  ax.set_ylabel(f"final average {metric} (o task-aware, s task-agnostic)")
+  ax.set_title("The price of re-indexing")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  _save_figure(fig, path)
+  return path
 
 
 class TensorBoard:

@@ -6,9 +6,13 @@
 A query is embedded by the snapshot ``S_t`` of ``--after_task=t`` (the
 current encoders, as in the paper) and searched in the ScaNN indexes the run
 stored, as each indexing policy names them: task-aware in task ``k``'s
-gallery (``reindex``: ``S_t``'s index of it; ``no_reindex``: ``S_k``'s), or
-task-agnostic in the union of galleries ``0..t``. Nothing trains and no
-gallery is embedded again: the command loads the run's config and
+gallery (``reindex``: ``S_t``'s index of it; ``no_reindex``: ``S_k``'s;
+``remap_linear``: the index of ``S_k``'s vectors moved into ``S_t``'s space),
+or task-agnostic in the union of galleries ``0..t``. Under a compensation
+policy (``no_reindex+shift`` …) the query is moved into each kept gallery's
+space by the run's stored drift map (``maps/after_task_TT.npz``), and the
+task-agnostic hits of the per-gallery searches are merged by score. Nothing
+trains and no gallery is embedded again: the command loads the run's config and
 tokenizer, ``S_t``, the indexes and ``galleries/task_KK.json`` (what each
 index row is). Images to show (``--out``, ``--image_id``) come from the
 data: the synthetic scenes are generated again from their seed (the
@@ -33,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from ccmr_jax import checkpoint, cli, index, manifest, metrics, policies, sharding
+from ccmr_jax import checkpoint, cli, drift_maps, index, manifest, metrics, policies, sharding
 from ccmr_jax import workdir as layout
 from ccmr_jax.data import sources
 from ccmr_jax.data.examples import normalize_caption
@@ -125,20 +129,49 @@ class StoredGalleries:
 
   def search(self, vector: np.ndarray, query: Query, policy: str, scope: str, task: int, k: int) -> list[Hit]:
     """The top-``k`` of ``vector`` under ``policy`` in ``scope`` (``task``: the gallery of task-aware search)."""
-    gallery_kind = "images" if query.direction == "t2i" else "captions"
+    rule = policies.get(policy)
     if scope == "task_aware":
-      snapshot = policies.get(policy).gallery_snapshot(task, self.after_task)
-      path, tasks = layout.index_dir(self.workdir, snapshot, task, gallery_kind), [task]
-    else:
-      path = layout.union_index_dir(self.workdir, policy, self.after_task, gallery_kind)
+      rows, scores = index.search(self._searcher(rule, task, query), self._moved(rule, vector, task, query), k)
+      tasks = [task]
+    elif rule.query_map is None:
+      path = layout.union_index_dir(self.workdir, policy, self.after_task, _gallery_kind(query))
+      rows, scores = index.search(_load(path, policy), vector, k)
       tasks = list(range(self.after_task + 1))
-    try:
-      searcher = index.load_searcher(path)
-    except FileNotFoundError as e:
-      raise cli.UserError(f"{e}: this workdir holds no such index (was the run evaluated under {policy!r}?)") from e
-    rows, scores = index.search(searcher, vector, k)
+    else:  # one index per gallery, each searched with the query moved into its space; hits merged by score
+      tasks = list(range(self.after_task + 1))
+      found = [index.search(self._searcher(rule, j, query), self._moved(rule, vector, j, query), k) for j in tasks]
+      sizes = [self._size(j, query) for j in tasks]
+      rows, scores = policies.merge_top_k([f[0] for f in found], [f[1] for f in found], sizes, k)
     return [self._hit(rank, float(score), int(row), tasks, query)
             for rank, (row, score) in enumerate(zip(rows[0], scores[0]), 1)]
+
+  def _searcher(self, rule: policies.IndexingPolicy, task: int, query: Query) -> index.Searcher:
+    """Task ``task``'s index as ``rule`` searches it after :attr:`after_task`."""
+    if rule.moves_gallery(task, self.after_task):
+      path = layout.mapped_index_dir(self.workdir, rule.name, self.after_task, task, _gallery_kind(query))
+    else:
+      path = layout.index_dir(self.workdir, rule.gallery_snapshot(task, self.after_task), task, _gallery_kind(query))
+    return _load(path, rule.name)
+
+  def _moved(self, rule: policies.IndexingPolicy, vector: np.ndarray, task: int, query: Query) -> np.ndarray:
+    """``vector`` moved into the space of task ``task``'s gallery, as ``rule`` moves queries."""
+    if rule.query_map is None or task == self.after_task:
+      return vector
+    modality = "captions" if query.direction == "t2i" else "images"
+    return self.drift_maps.move(rule.query_map, "to_old", task, modality, vector)
+
+  @functools.cached_property
+  def drift_maps(self) -> drift_maps.DriftMaps:
+    """The maps fitted after :attr:`after_task` (read on first use)."""
+    path = layout.drift_maps_path(self.workdir, self.after_task)
+    if not manifest.is_sealed(path):
+      raise cli.UserError(f"no {path}: this run was evaluated before drift maps existed; re-evaluate it "
+                          "(python -m ccmr_jax.reevaluate) to search under a compensation policy")
+    return drift_maps.DriftMaps.load(path, self.after_task)
+
+  def _size(self, task: int, query: Query) -> int:
+    gallery = self.galleries[task]
+    return len(gallery.image_ids) if query.direction == "t2i" else len(gallery.captions)
 
   def _hit(self, rank: int, score: float, row: int, tasks: list[int], query: Query) -> Hit:
     """Index row ``row`` of the galleries of ``tasks`` (concatenated in order) as a :class:`Hit`."""
@@ -178,6 +211,18 @@ class StoredGalleries:
   def evaluated_policies(self) -> list[str]:
     evaluation = manifest.read_json(layout.evaluation_path(self.workdir, self.after_task))
     return [p for p in policies.POLICY_NAMES if p in evaluation.get("task_aware", {})]
+
+
+def _gallery_kind(query: Query) -> str:
+  """The gallery a query searches: images for a caption (t2i), captions for an image (i2t)."""
+  return "images" if query.direction == "t2i" else "captions"
+
+
+def _load(path: str, policy: str) -> index.Searcher:
+  try:
+    return index.load_searcher(path)
+  except FileNotFoundError as e:
+    raise cli.UserError(f"{e}: this workdir holds no such index (was the run evaluated under {policy!r}?)") from e
 
 
 class QueryEncoder:

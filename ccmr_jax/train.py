@@ -152,20 +152,25 @@ def set_learning_rate(opt_state, learning_rate):
 
 
 def make_loss_fn(model, loss_config: ml_collections.ConfigDict,
-                 lwf_config: ml_collections.ConfigDict | None = None) -> Callable:
+                 lwf_config: ml_collections.ConfigDict | None = None,
+                 bct_config: ml_collections.ConfigDict | None = None) -> Callable:
   """``loss_fn(params, batch, teacher_params=None) -> (loss, aux)``.
 
   Args:
     model: the dual encoder.
     loss_config: ``config.loss``, the contrastive objective.
-    lwf_config: ``config.continual.lwf``; needed only when the loss is called
-      with ``teacher_params``.
+    lwf_config: ``config.continual.lwf``, or None: no distillation.
+    bct_config: ``config.continual.bct``, or None: no backward-compatible term.
 
   Returns:
-    The loss function. Without ``teacher_params`` the loss is the contrastive
-    objective; with them it adds ``lwf_config.weight`` times the similarity
-    distillation from the teacher's embeddings of the same batch. ``aux``
-    holds ``scale``, ``contrastive`` and ``distillation`` (0 without a teacher).
+    The loss function. Without ``teacher_params`` (the previous snapshot)
+    the loss is the contrastive objective ``L``; with them it is
+    ``L + lwf.weight · D + bct.weight · C``, ``D`` the similarity distillation
+    from the teacher's embeddings of the same batch
+    (:func:`ccmr_jax.continual.distillation.similarity_distillation`) and ``C``
+    the cross-model contrastive term (:func:`ccmr_jax.losses.backward_compatible`),
+    each only when its config is given. ``aux`` holds ``scale``,
+    ``contrastive``, ``distillation`` and ``compatibility`` (0 when absent).
   """
 
   def loss_fn(params, batch, teacher_params=None):
@@ -173,14 +178,19 @@ def make_loss_fn(model, loss_config: ml_collections.ConfigDict,
     negatives = losses.valid_negatives(batch["image_key"], batch["text_key"])
     contrastive = losses.contrastive_loss(loss_config.name, image_emb, text_emb, scale, negatives,
                                           loss_config.margin)
-    distill = jnp.zeros((), jnp.float32)
+    distill = compatibility = jnp.zeros((), jnp.float32)
     loss = contrastive
     if teacher_params is not None:
       old_image, old_text, _ = model.apply(teacher_params, batch["image"], batch["tokens"])
-      distill = distillation.similarity_distillation(image_emb, text_emb, old_image, old_text,
-                                                     lwf_config.temperature, tuple(lwf_config.parts))
-      loss = contrastive + lwf_config.weight * distill
-    return loss, {"scale": scale, "contrastive": contrastive, "distillation": distill}
+      if lwf_config is not None:
+        distill = distillation.similarity_distillation(image_emb, text_emb, old_image, old_text,
+                                                       lwf_config.temperature, tuple(lwf_config.parts))
+        loss = loss + lwf_config.weight * distill
+      if bct_config is not None:
+        compatibility = losses.backward_compatible(image_emb, text_emb, old_image, old_text, scale, negatives)
+        loss = loss + bct_config.weight * compatibility
+    return loss, {"scale": scale, "contrastive": contrastive, "distillation": distill,
+                  "compatibility": compatibility}
 
   return loss_fn
 

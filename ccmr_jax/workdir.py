@@ -97,6 +97,16 @@ def union_index_dir(workdir: str, policy: str, task: int, gallery: str) -> str:
   return os.path.join(workdir, "index", "union", policy, f"after_task_{task:02d}", gallery)
 
 
+def mapped_index_dir(workdir: str, policy: str, after_task: int, task: int, gallery: str) -> str:
+  """The index of task ``task``'s stored gallery moved into ``S_t``'s space by ``policy`` after task ``t``."""
+  return os.path.join(workdir, "index", "mapped", policy, f"after_task_{after_task:02d}", f"task_{task:02d}", gallery)
+
+
+def drift_maps_path(workdir: str, after_task: int) -> str:
+  """The maps between ``S_t`` and every older snapshot, fitted after task ``t`` (:mod:`ccmr_jax.drift_maps`)."""
+  return os.path.join(workdir, "maps", f"after_task_{after_task:02d}.npz")
+
+
 def zero_shot_path(workdir: str) -> str:
   return os.path.join(workdir, "eval", "zero_shot.json")
 

@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # agreement with exact search), or "auto" (approximate for galleries of ann_threshold items or more).
   # ann_recall_target: each approximate index searches the fewest leaves and reorders the fewest candidates
   # that keep its recall@max(ks) against exact search at this target, on a sample of its queries.
+  # drift_maps: the maps of the compensation policies (no_reindex+shift/linear/procrustes, remap_linear),
+  # fitted after each task on fit_images of its training images (with their captions) and the replay memory;
+  # ridge: lambda of the linear maps (ccmr_jax/drift_maps.py).
   config.eval = ml_collections.ConfigDict(dict(split="test", ks=(1, 5, 10), batch_size=256, index_mode="exact",
-                                               ann_threshold=100_000, ann_recall_target=0.95))
+                                               ann_threshold=100_000, ann_recall_target=0.95,
+                                               drift_maps=dict(fit_images=1000, ridge=1e-3)))
   return config

@@ -1,7 +1,6 @@
 import numpy as np
 
 from ccmr_jax.data.batches import PairSampler, caption_text_ids
-from ccmr_jax.data.examples import Examples
 from ccmr_jax.data.tokenizer import build_tokenizer
 from conftest import make_examples
 

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccmr_jax import experiment, files, manifest
+from ccmr_jax import drift_maps, experiment, files, manifest, policies
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
 
@@ -75,10 +75,49 @@ def test_exported_embeddings_recompute_every_reported_cell(finished_run):
           assert value == pytest.approx(results["policies"][policy][metric]["matrix"][t][k], abs=1e-3), (policy, t, k)
 
 
+def test_compensation_policies_recompute_from_the_exported_embeddings_and_stored_maps(finished_run):
+  workdir, results = finished_run
+  load = lambda s, k: manifest.load_npz(os.path.join(workdir, "embeddings", f"snapshot_{s:02d}", f"task_{k:02d}.npz"))
+  maps = drift_maps.DriftMaps.load(os.path.join(workdir, "maps", "after_task_01.npz"), 1)
+  old_gallery, queries = load(0, 0), load(1, 0)
+  moved = {
+      "no_reindex+linear": (old_gallery, {**queries, **maps.apply("linear", "to_old", 0, policies.EmbeddedSplit(
+          queries["images"], queries["captions"]))._asdict()}),
+      "remap_linear": ({**old_gallery, **maps.apply("linear", "to_new", 0, policies.EmbeddedSplit(
+          old_gallery["images"], old_gallery["captions"]))._asdict()}, queries),
+  }
+  for policy, (gallery, prepared) in moved.items():
+    for metric, value in _plain_recall(gallery, prepared, 10).items():
+      assert value == pytest.approx(results["policies"][policy][metric]["matrix"][1][0], abs=1e-3), (policy, metric)
+  assert results["policies"]["no_reindex+linear"]["rsum"]["matrix"][1][0] != \
+      results["policies"]["no_reindex"]["rsum"]["matrix"][1][0]
+
+
+def test_the_price_of_reindexing_counts_encoder_passes(finished_run):
+  workdir, results = finished_run
+  evaluations = [manifest.read_json(os.path.join(workdir, "eval", f"after_task_{t:02d}.json")) for t in (0, 1)]
+  items = evaluations[1]["cost"]["items"]  # images + captions of task 0's and task 1's test split
+  assert evaluations[0]["cost"]["items"] == items[:1] and evaluations[0]["cost"]["fit"]["items"] == 0
+  train = results["tasks"][1]["counts"]["train"]
+  assert train["images"] <= drift_maps.DEFAULT_FIT_IMAGES  # the draw is task 1's whole training split
+  fit_items = 2 * (train["images"] + train["captions"])  # S_1 and S_0 both embed it
+  assert evaluations[1]["cost"]["fit"]["items"] == fit_items
+  cost = results["reindexing_cost"]
+  assert cost["reindex"]["gallery_items_encoded"] == items[0] + items[0] + items[1]
+  assert cost["reindex"]["fit_items_encoded"] == 0
+  assert cost["no_reindex"]["gallery_items_encoded"] == items[0] + items[1]
+  for name in ("no_reindex+shift", "remap_linear"):
+    assert cost[name]["gallery_items_encoded"] == items[0] + items[1]
+    assert cost[name]["total_items_encoded"] == items[0] + items[1] + fit_items
+    assert cost[name]["fit_s"] > 0
+  assert os.path.exists(os.path.join(workdir, "plots", "reindexing_cost.png"))
+  assert "## The price of re-indexing" in open(os.path.join(workdir, "report.md")).read()
+
+
 def test_results_hold_both_policies_and_scopes_from_one_run(finished_run):
   _, results = finished_run
   for key in ("policies", "policies_agnostic"):
-    assert set(results[key]) == {"reindex", "no_reindex"}
+    assert set(results[key]) == set(policies.POLICY_NAMES)
     for policy in results[key].values():
       matrix = policy["mean_r1"]["matrix"]
       assert len(matrix) == 2 and matrix[0][1] is None and matrix[1][0] is not None
@@ -129,6 +168,7 @@ def test_a_workdir_of_another_config_is_refused(finished_run):
     ("--config.train.batch_size=0", "train.batch_size must be positive"),
     ("--config.train.checkpoint_every=-5", "train.checkpoint_every must be a whole number of steps"),
     ("--config.eval.ann_recall_target=1.5", "eval.ann_recall_target must be a recall in (0, 1]"),
+    ("--config.eval.drift_maps.ridge=-1", "eval.drift_maps.ridge must be >= 0"),
     ("--config.model.image_tower=resnet9000", "unknown model.image_tower 'resnet9000'"),
     ("--config.data.unlabeled=own_task", "task 2 (unlabeled) has no image in the train split"),
     ("--config.model.image_tower_weights=/nonexistent/resnet50.npz",

@@ -34,8 +34,11 @@ ARTIFACTS = {
     "gallery": "galleries/task_00.json",
     "index": "index/snapshot_00/task_00/images",
     "union_index": "index/union/no_reindex/after_task_01/captions",
+    "mapped_index": "index/mapped/remap_linear/after_task_01/task_00/images",
+    "drift_maps": "maps/after_task_01.npz",
 }
-REPAIRED = {"tokenizer", "zero_shot", "evaluation", "results", "embeddings", "gallery", "index", "union_index"}
+REPAIRED = {"tokenizer", "zero_shot", "evaluation", "results", "embeddings", "gallery", "index", "union_index",
+            "mapped_index", "drift_maps"}
 DAMAGES = ("truncate", "flip", "delete")
 NUMBERS = ("tasks_trained", "zero_shot", "policies", "policies_agnostic", "analysis", "analysis_summary")
 

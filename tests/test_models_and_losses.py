@@ -50,6 +50,48 @@ def test_distillation_from_identical_params_adds_nothing_to_the_loss():
   assert not np.allclose(np.linalg.norm(image, axis=1), 1.0) and text.dtype == jnp.float32
 
 
+def _cross_entropy_rows_reference(queries, gallery, scale, keep):
+  s = scale * queries @ gallery.T
+  total = 0.0
+  for i in range(len(queries)):
+    row = [s[i, j] for j in range(len(queries)) if keep[i, j] or i == j]
+    total += np.log(np.sum(np.exp(row))) - s[i, i]
+  return total / len(queries)
+
+
+def test_backward_compatible_term_matches_its_formula_and_trains_only_the_new_side():
+  new_image, new_text = _embeddings(seed=1)
+  old_image, old_text = _embeddings(seed=2)
+  keep = np.ones((5, 5), bool)
+  keep[0, 3] = keep[3, 0] = False  # a duplicate pair is no negative
+  np.fill_diagonal(keep, False)
+  expected = 0.5 * (_cross_entropy_rows_reference(new_image, old_text, 10.0, keep)
+                    + _cross_entropy_rows_reference(new_text, old_image, 10.0, keep))
+  got = losses.backward_compatible(new_image, new_text, old_image, old_text, jnp.float32(10.0), jnp.asarray(keep))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  old_grads = jax.grad(lambda oi, ot: losses.backward_compatible(new_image, new_text, oi, ot, 10.0, keep),
+                       argnums=(0, 1))(old_image, old_text)
+  assert all(np.all(g == 0) for g in old_grads)
+
+
+def test_the_loss_adds_the_weighted_compatibility_term_with_a_teacher():
+  model = _model()
+  rng = np.random.default_rng(1)
+  batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 64, 64, 3)), jnp.uint8),
+           "tokens": jnp.asarray(rng.integers(1, 50, (4, 8)), jnp.int32),
+           "image_key": jnp.arange(4, dtype=jnp.int32), "text_key": jnp.arange(4, dtype=jnp.int32)}
+  params = model.init(jax.random.key(0), batch["image"], batch["tokens"])
+  teacher = model.init(jax.random.key(1), batch["image"], batch["tokens"])
+  bct = ml_collections.ConfigDict({"weight": 0.5})
+  loss, aux = train.make_loss_fn(model, tiny.get_config().loss, bct_config=bct)(params, batch, teacher)
+  new_image, new_text, scale = model.apply(params, batch["image"], batch["tokens"])
+  old_image, old_text, _ = model.apply(teacher, batch["image"], batch["tokens"])
+  term = losses.backward_compatible(new_image, new_text, old_image, old_text, scale, ~np.eye(4, dtype=bool))
+  np.testing.assert_allclose(aux["compatibility"], term, rtol=1e-5)
+  np.testing.assert_allclose(loss, aux["contrastive"] + 0.5 * term, rtol=1e-5)
+  assert aux["distillation"] == 0.0 and aux["compatibility"] > 0.0
+
+
 def test_unknown_tower_is_a_clear_error():
   config = tiny.get_config().model
   config.unlock()

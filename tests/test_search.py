@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ccmr_jax import cli, experiment, index, manifest, metrics, policies, search, search_figures
+from ccmr_jax import cli, drift_maps, experiment, index, manifest, metrics, policies, search, search_figures
 from ccmr_jax import workdir as layout
 from configs import tiny
 
@@ -31,16 +31,20 @@ def test_a_test_query_ranks_as_the_evaluation_ranked_it(finished, after_task):
   gallery = galleries.galleries[0]
   truth = metrics.GroundTruth.from_captions(gallery.captions, gallery.caption_image)
   split = experiment.load_task_stream(config).tasks[0].splits["test"]
+  maps = drift_maps.DriftMaps.load(layout.drift_maps_path(finished, after_task), after_task) if after_task else None
   for policy in policies.POLICY_NAMES:
-    snapshot = policies.get(policy).gallery_snapshot(0, after_task)
+    rule = policies.get(policy)
+    prepared = rule.prepare_queries(policies.EmbeddedSplit(stored["images"], stored["captions"]), 0, after_task, maps)
     for direction, modality, rows in (("t2i", "captions", range(0, 40, 7)), ("i2t", "images", range(0, 20, 3))):
-      searcher = index.load_searcher(layout.index_dir(finished, snapshot, 0, "images" if direction == "t2i"
-                                                      else "captions"))
+      kind = "images" if direction == "t2i" else "captions"
+      searcher = index.load_searcher(
+          layout.mapped_index_dir(finished, policy, after_task, 0, kind) if rule.moves_gallery(0, after_task)
+          else layout.index_dir(finished, rule.gallery_snapshot(0, after_task), 0, kind))
       for row in rows:
         query = (search.Query(text=gallery.captions[row]) if direction == "t2i"
                  else search.Query(image=split.images[row], image_id=int(gallery.image_ids[row])))
         hits = galleries.search(encoder.embed(query), query, policy, "task_aware", 0, 5)
-        evaluated, _ = index.search(searcher, stored[modality][row:row + 1], 5)  # what the evaluation ranked
+        evaluated, _ = index.search(searcher, getattr(prepared, modality)[row:row + 1], 5)  # what the evaluation ranked
         if direction == "t2i":
           assert [h.image_id for h in hits] == [int(gallery.image_ids[r]) for r in evaluated[0]]
           expected = truth.t2i_hits(evaluated, np.array([row]))[0]
@@ -60,6 +64,22 @@ def test_task_agnostic_hits_name_their_task(finished):
   union = [(k, int(i)) for k, g in enumerate(galleries.galleries) for i in g.image_ids]
   assert {(h.task, h.image_id) for h in hits} <= set(union)
   assert any(h.task == 1 for h in hits) and all(h.correct is not None for h in hits)
+
+
+def test_task_agnostic_search_under_query_compensation_merges_each_gallery_in_its_own_space(finished):
+  config, tokenizer, _ = search.read_run(finished)
+  galleries = search.StoredGalleries(finished, 1)
+  query = search.Query(text=galleries.galleries[0].captions[3])
+  vector = search.QueryEncoder(finished, config, tokenizer, 1).embed(query)
+  hits = galleries.search(vector, query, "no_reindex+procrustes", "task_agnostic", None, 8)
+  maps = drift_maps.DriftMaps.load(layout.drift_maps_path(finished, 1), 1)
+  parts = [(manifest.load_npz(layout.embeddings_path(finished, 0, 0))["images"],
+            maps.move("procrustes", "to_old", 0, "captions", vector)),
+           (manifest.load_npz(layout.embeddings_path(finished, 1, 1))["images"], vector)]
+  scored = sorted(((float(g[row] @ q[0]), task, int(galleries.galleries[task].image_ids[row]))
+                   for task, (g, q) in enumerate(parts) for row in range(len(g))), key=lambda x: -x[0])[:8]
+  assert [(h.task, h.image_id) for h in hits] == [(task, image_id) for _, task, image_id in scored]
+  np.testing.assert_allclose([h.score for h in hits], [score for score, _, _ in scored], atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -64,12 +64,16 @@ def test_every_component_parses_alone_and_in_combinations():
     ("mas+ewc", ("fisher", "mas"), False, False, ("mas", "ewc", "importance")),
     ("si+replay", (), True, False, ("si", "replay")),
     ("replay+lwf", (), True, True, ("replay", "lwf")),
+    ("bct", (), False, False, ("bct",)),
+    ("ewc+bct", ("fisher",), False, False, ("ewc", "bct", "importance")),
 ])
 def test_switches_of_a_strategy(name, importance, replay, distillation, sections):
   strategy = parse_strategy(name)
   assert strategy.needs_importance == importance
   assert strategy.uses_replay == replay and strategy.uses_distillation == distillation
   assert strategy.continual_sections == sections
+  assert strategy.uses_compatibility == ("bct" in name)
+  assert strategy.uses_teacher == (distillation or "bct" in name)
 
 
 def test_training_tasks():
@@ -123,7 +127,7 @@ def test_default_literals_name_real_parts_and_selections():
 
 def test_components_and_chain_order_come_from_the_specs():
   assert REGULARIZER_COMPONENTS == ("si", "l2", "ewc", "online_ewc", "mas")
-  assert STRATEGY_COMPONENTS == ("finetune", "joint", "si", "l2", "ewc", "online_ewc", "mas", "lwf", "replay")
+  assert STRATEGY_COMPONENTS == ("finetune", "joint", "si", "l2", "ewc", "online_ewc", "mas", "lwf", "replay", "bct")
   strategy = parse_strategy("mas+replay+online_ewc+si+l2+ewc")
   assert strategy.regularizer_components == ("si", "l2", "ewc", "online_ewc", "mas")
   assert strategy.needs_importance == ("fisher", "mas")

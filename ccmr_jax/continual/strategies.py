@@ -23,6 +23,10 @@ compute at a task's end, and whether replay and distillation are on.
     (:mod:`ccmr_jax.continual.distillation`), a term of the loss.
   * ``replay``: a memory of each past task's pairs mixed into the batches
     (:mod:`ccmr_jax.continual.replay`).
+  * ``bct``: backward-compatible training, a cross-model contrastive term
+    between the new encoders' queries and the previous snapshot's embeddings
+    of the batch's other modality (:func:`ccmr_jax.losses.backward_compatible`),
+    so new queries keep working against galleries old encoders embedded.
 
 Regularizers combine: each adds its own penalty to the loss, so the total is
 ``L + sum_r P_r(theta)`` and the transforms simply chain. ``si`` goes first
@@ -60,7 +64,7 @@ PyTree = Any
 _SPECS = regs.regularizer_specs()
 REGULARIZER_COMPONENTS = tuple(spec.name for spec in _SPECS)
 STANDALONE_COMPONENTS = ("finetune", "joint")
-STRATEGY_COMPONENTS = STANDALONE_COMPONENTS + REGULARIZER_COMPONENTS + ("lwf", "replay")
+STRATEGY_COMPONENTS = STANDALONE_COMPONENTS + REGULARIZER_COMPONENTS + ("lwf", "replay", "bct")
 IMPORTANCE_ESTIMATORS = regs.IMPORTANCES
 
 
@@ -90,7 +94,7 @@ def check_continual_config(continual: ml_collections.ConfigDict) -> None:
   for spec in _SPECS:
     for field, ok, requirement in spec.hyperparameters:
       _check_number(continual, f"{spec.name}.{field}", ok, requirement)
-  for path in ("lwf.weight", "lwf.temperature"):
+  for path in ("lwf.weight", "lwf.temperature", *(("bct.weight",) if "bct" in continual else ())):
     _check_number(continual, path, lambda v: v > 0, "a positive number")
   _check_number(continual, "replay.fraction", lambda v: 0 < v < 1, "in (0, 1)")
   for path in ("replay.memory_per_task", "importance.max_batches"):
@@ -148,6 +152,16 @@ class Strategy:
   @property
   def uses_distillation(self) -> bool:
     return "lwf" in self.components
+
+  @property
+  def uses_compatibility(self) -> bool:
+    """Whether the loss holds the backward-compatible term (``bct``)."""
+    return "bct" in self.components
+
+  @property
+  def uses_teacher(self) -> bool:
+    """Whether training task ``t > 0`` needs the previous snapshot's embeddings of each batch."""
+    return self.uses_distillation or self.uses_compatibility
 
   @property
   def continual_sections(self) -> tuple[str, ...]:

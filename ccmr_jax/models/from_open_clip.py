@@ -36,7 +36,6 @@ The mapping, open_clip → project (``[out, in]`` PyTorch matrices become
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
