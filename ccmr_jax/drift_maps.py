@@ -21,6 +21,10 @@ followed by re-normalisation ``f(x) = g(x) / ||g(x)||``:
   vector of query drift compensation (Goswami et al., CoLLAs 2025);
 * ``linear``:     ``g(x) = (x − μ_X) W + μ_Y``, ``W = (X̃ᵀX̃ + λ n I)⁻¹ X̃ᵀỸ``
   with ``X̃ = X − μ_X``, ``Ỹ = Y − μ_Y``: ridge least squares, ``λ`` = ``ridge``;
+* ``residual``:   the same affine form, ``W = (X̃ᵀX̃ + λ n I)⁻¹ (X̃ᵀỸ + λ n I)``: ridge
+  toward the identity (``min ||X̃W − Ỹ||² + λn||W − I||²``), so a direction
+  the fit data do not span is left where it was instead of being shrunk to
+  zero — one task's data span few of the directions other tasks' items use;
 * ``procrustes``: ``g(x) = x R``, ``R = U Vᵀ`` for ``U Σ Vᵀ = svd(XᵀY)``: the
   orthogonal matrix minimising ``||X R − Y||_F`` (Schönemann 1966), a pure
   rotation/reflection, so angles within a space are kept.
@@ -39,7 +43,7 @@ from ccmr_jax import manifest
 from ccmr_jax.data.examples import Examples, concatenate
 from ccmr_jax.policies import EmbeddedSplit
 
-MAP_KINDS = ("shift", "linear", "procrustes")
+MAP_KINDS = ("shift", "linear", "residual", "procrustes")
 DIRECTIONS = ("to_old", "to_new")  # S_t -> S_k (queries), S_k -> S_t (stored galleries)
 MODALITIES = EmbeddedSplit._fields  # ("images", "captions")
 DEFAULT_FIT_IMAGES = 1000
@@ -76,15 +80,21 @@ def fit_shift(source: np.ndarray, target: np.ndarray) -> AffineMap:
   return AffineMap(None, target.mean(0) - source.mean(0))
 
 
-def fit_linear(source: np.ndarray, target: np.ndarray, ridge: float = DEFAULT_RIDGE) -> AffineMap:
-  """Ridge least squares on centred rows: ``W = (X̃ᵀX̃ + ridge·n·I)⁻¹ X̃ᵀỸ``, bias ``μ_Y − μ_X W``."""
+def fit_linear(source: np.ndarray, target: np.ndarray, ridge: float = DEFAULT_RIDGE,
+               toward_identity: bool = False) -> AffineMap:
+  """Ridge least squares on centred rows, shrunk toward zero or (``toward_identity``) toward ``I``.
+
+  ``W = (X̃ᵀX̃ + ridge·n·I)⁻¹ (X̃ᵀỸ + ridge·n·P)`` with ``P = I`` or ``0``;
+  bias ``μ_Y − μ_X W``.
+  """
   source, target = _check_pairs(source, target)
   if not ridge >= 0:
     raise ValueError(f"ridge must be >= 0, got {ridge!r}")
   source_mean, target_mean = source.mean(0), target.mean(0)
   centred_source, centred_target = source - source_mean, target - target_mean
-  gram = centred_source.T @ centred_source + ridge * len(source) * np.eye(source.shape[1])
-  matrix = np.linalg.lstsq(gram, centred_source.T @ centred_target, rcond=None)[0]
+  penalty = ridge * len(source) * np.eye(source.shape[1])
+  moment = centred_source.T @ centred_target + (penalty if toward_identity else 0.0)
+  matrix = np.linalg.lstsq(centred_source.T @ centred_source + penalty, moment, rcond=None)[0]
   return AffineMap(matrix, target_mean - source_mean @ matrix)
 
 
@@ -99,8 +109,8 @@ def fit(kind: str, source: np.ndarray, target: np.ndarray, ridge: float = DEFAUL
   """The map of ``kind`` (one of :data:`MAP_KINDS`) from ``source``'s rows to ``target``'s."""
   if kind == "shift":
     return fit_shift(source, target)
-  if kind == "linear":
-    return fit_linear(source, target, ridge)
+  if kind in ("linear", "residual"):
+    return fit_linear(source, target, ridge, toward_identity=kind == "residual")
   if kind == "procrustes":
     return fit_procrustes(source, target)
   raise ValueError(f"unknown map kind {kind!r}; choose one of {list(MAP_KINDS)}")

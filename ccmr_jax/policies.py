@@ -7,12 +7,12 @@ and stored vectors are moved before they meet:
 
   * ``reindex``:    the latest snapshot ``S_t`` (every gallery re-embedded);
   * ``no_reindex``: the snapshot ``S_k`` of its own task (embedded once, kept);
-  * ``no_reindex+KIND`` (``shift``, ``linear``, ``procrustes``): the kept
-    gallery, searched by queries moved into ``S_k``'s space by the ``to_old``
-    map of that kind (query drift compensation; :mod:`ccmr_jax.drift_maps`);
-  * ``remap_linear``: the kept gallery vectors moved into ``S_t``'s space by
-    the ``to_new`` linear map, searched by unchanged queries: no encoder pass,
-    and every gallery in one current space.
+  * ``no_reindex+KIND`` (``shift``, ``linear``, ``residual``, ``procrustes``):
+    the kept gallery, searched by queries moved into ``S_k``'s space by the
+    ``to_old`` map of that kind (query drift compensation; :mod:`ccmr_jax.drift_maps`);
+  * ``remap_KIND`` (``linear``, ``residual``): the kept gallery vectors moved
+    into ``S_t``'s space by the ``to_new`` map of that kind, searched by
+    unchanged queries: no encoder pass, and every gallery in one current space.
 
 Maps are fitted after task ``t`` on data the system holds then (the
 current task's training pairs, and the replay memory), never on an old
@@ -124,7 +124,8 @@ def _check_seen(gallery_task: int, current_task: int) -> None:
 POLICIES: dict[str, IndexingPolicy] = {p.name: p for p in (
     Reindex("reindex"), NoReindex("no_reindex"),
     NoReindex("no_reindex+shift", query_map="shift"), NoReindex("no_reindex+linear", query_map="linear"),
-    NoReindex("no_reindex+procrustes", query_map="procrustes"), NoReindex("remap_linear", gallery_map="linear"))}
+    NoReindex("no_reindex+residual", query_map="residual"), NoReindex("no_reindex+procrustes", query_map="procrustes"),
+    NoReindex("remap_linear", gallery_map="linear"), NoReindex("remap_residual", gallery_map="residual"))}
 POLICY_NAMES = tuple(POLICIES)
 
 

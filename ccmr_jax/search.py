@@ -7,7 +7,7 @@ A query is embedded by the snapshot ``S_t`` of ``--after_task=t`` (the
 current encoders, as in the paper) and searched in the ScaNN indexes the run
 stored, as each indexing policy names them: task-aware in task ``k``'s
 gallery (``reindex``: ``S_t``'s index of it; ``no_reindex``: ``S_k``'s;
-``remap_linear``: the index of ``S_k``'s vectors moved into ``S_t``'s space),
+``remap_KIND``: the index of ``S_k``'s vectors moved into ``S_t``'s space),
 or task-agnostic in the union of galleries ``0..t``. Under a compensation
 policy (``no_reindex+shift`` …) the query is moved into each kept gallery's
 space by the run's stored drift map (``maps/after_task_TT.npz``), and the

@@ -50,6 +50,21 @@ def test_linear_recovers_a_known_affine_map_and_ridge_shrinks_it():
   np.testing.assert_allclose(fitted.bias, bias, atol=1e-5)
   shrunk = drift_maps.fit_linear(source, source @ matrix + bias, ridge=1.0)
   assert np.linalg.norm(shrunk.matrix) < np.linalg.norm(matrix)
+  residual = drift_maps.fit("residual", source, source @ matrix + bias, ridge=0.0)
+  np.testing.assert_allclose(residual.matrix, matrix, atol=1e-5)  # no ridge: the same least squares
+
+
+def test_the_residual_map_keeps_directions_the_fit_data_do_not_span():
+  rng = np.random.default_rng(7)
+  source = np.zeros((200, 6))
+  source[:, :3] = _unit(rng.normal(size=(200, 3)))  # the fit data live in the first 3 directions
+  target = source.copy()
+  target[:, :3] = source[:, :3] @ _rotation(3, seed=8)
+  probe = np.eye(6)[3:]  # items along directions the fit data never saw
+  residual = drift_maps.fit("residual", source, target, ridge=1e-3)
+  np.testing.assert_allclose(residual.matrix[3:], np.eye(6)[3:], atol=1e-9)
+  np.testing.assert_allclose(residual(probe), probe, atol=5e-3)  # the bias of the fitted directions only
+  assert np.abs(drift_maps.fit("linear", source, target, ridge=1e-3).matrix[3:]).max() < 1e-6  # shrunk to zero
 
 
 def test_maps_return_unit_vectors_and_refuse_bad_input():

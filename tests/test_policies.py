@@ -42,7 +42,7 @@ class _NegatingMaps:
 
 def test_compensation_policies_move_queries_or_stored_galleries_of_old_tasks_only():
   split = EmbeddedSplit(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32))
-  for kind in ("shift", "linear", "procrustes"):
+  for kind in ("shift", "linear", "residual", "procrustes"):
     policy, maps = policies.get(f"no_reindex+{kind}"), _NegatingMaps()
     assert policy.gallery_snapshot(1, 3) == 1 and policy.maps_needed() == {(kind, "to_old")}
     np.testing.assert_array_equal(policy.prepare_queries(split, 1, 3, maps).images, -split.images)
@@ -54,8 +54,8 @@ def test_compensation_policies_move_queries_or_stored_galleries_of_old_tasks_onl
   assert remap.prepare_queries(split, 0, 2, maps) is split and maps.calls == [("linear", "to_new", 0)]
   with pytest.raises(ValueError, match="needs the drift maps"):
     remap.prepare_gallery(split, 0, 2)
-  assert policies.maps_needed() == {("shift", "to_old"), ("linear", "to_old"), ("procrustes", "to_old"),
-                                    ("linear", "to_new")}
+  assert policies.maps_needed() == {("shift", "to_old"), ("linear", "to_old"), ("residual", "to_old"),
+                                    ("procrustes", "to_old"), ("linear", "to_new"), ("residual", "to_new")}
 
 
 def test_only_reindex_passes_old_galleries_through_an_encoder():
