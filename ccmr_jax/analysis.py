@@ -206,7 +206,8 @@ def _policy_cell(view: policies.PolicyView, k: int, modalities: tuple[str, str],
   galleries = [gallery[g] for gallery in view.galleries]
   row_task = np.repeat(np.arange(len(galleries)), [len(gallery) for gallery in galleries])
   if per_part:
-    found = [exact_top_k(gallery, view.queries[k][j][q], min(top_k, len(gallery))) for j, gallery in enumerate(galleries)]
+    found = [exact_top_k(gallery, view.queries[k][j][q], min(top_k, len(gallery)))
+             for j, gallery in enumerate(galleries)]
     scores = [np.einsum("qd,qkd->qk", view.queries[k][j][q], gallery[rows])
               for j, (gallery, rows) in enumerate(zip(galleries, found))]
     top = policies.merge_top_k(found, scores, [len(gallery) for gallery in galleries], min(top_k, len(row_task)))[0]

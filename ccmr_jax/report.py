@@ -36,8 +36,8 @@ DEFINITIONS = {
     "no_reindex+KIND": "the kept gallery of S_k, searched by S_t's queries moved into S_k's space by a map of KIND "
                        "(shift, linear, residual, procrustes) fitted after task t on task t's training data (and the "
                        "replay memory)",
-    "remap_KIND": "the kept gallery of S_k moved into S_t's space by a map of KIND (linear, residual) fitted on the same "
-                  "data; no encoder pass",
+    "remap_KIND": "the kept gallery of S_k moved into S_t's space by a map of KIND (linear, residual) fitted on "
+                  "the same data; no encoder pass",
     "reindexing_cost": "per policy, over the run: gallery items (images + captions) passed through an encoder and the "
                        "seconds it took, and the drift maps' fit (its items encoded by S_t and each older snapshot)",
     "task_aware": "queries of task k search task k's gallery only",

@@ -56,3 +56,30 @@ def captioned_examples(captions_per_image):
   n = len(captions_per_image)
   return Examples(np.zeros((n, 2, 2, 3), np.uint8), np.arange(n), captions, owner,
                   tuple(np.array([0], np.int32) for _ in range(n)))
+
+
+# The tiny config under a strategy that carries every kind of continual state (regularizer, replay memory).
+EWC_REPLAY_OVERRIDES = {"train.strategy": "ewc+replay", "continual.replay.memory_per_task": 20}
+
+
+def tiny_config(**overrides):
+  """``configs/tiny.py`` with ``{"section.field": value}`` overrides applied."""
+  from configs import tiny  # noqa: PLC0415
+
+  config = tiny.get_config()
+  for path, value in overrides.items():
+    *sections, field = path.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def ewc_replay_run(tmp_path_factory):
+  """One finished tiny ``ewc+replay`` run, shared read-only (tests that damage it work on a copy)."""
+  from ccmr_jax import experiment  # noqa: PLC0415
+
+  workdir = str(tmp_path_factory.mktemp("ewc_replay_run"))
+  return workdir, experiment.run(tiny_config(**EWC_REPLAY_OVERRIDES), workdir)

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from ccmr_jax import drift_maps, experiment, files, manifest, policies
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
+from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,26 +157,37 @@ def test_a_workdir_of_another_config_is_refused(finished_run):
     experiment.run(config, workdir)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.strategy=bogus", "unknown train.strategy component(s) ['bogus']"),
-    ("--config.continual.ewc.strength=-1", "continual.ewc.strength must be a positive number"),
-    ("--config.eval.split=train", "unknown eval.split 'train'"),
-    ("--config.model.text_tower=lstm", "unknown model.text_tower 'lstm'"),
-    ("--config.train.epochs_per_task=0", "train.epochs_per_task must be positive"),
-    ("--config.train.learning_rate=-1", "train.learning_rate must be positive"),
-    ("--config.loss.name=triplet", "unknown loss.name 'triplet'"),
-    ("--config.data.num_tasks=9", "num_tasks=9 but the dataset has only 5 category groups"),
-    ("--config.train.batch_size=12", "train.batch_size=12 is not divisible by the 8 devices"),
-    ("--config.train.batch_size=0", "train.batch_size must be positive"),
-    ("--config.train.checkpoint_every=-5", "train.checkpoint_every must be a whole number of steps"),
-    ("--config.eval.ann_recall_target=1.5", "eval.ann_recall_target must be a recall in (0, 1]"),
-    ("--config.eval.drift_maps.ridge=-1", "eval.drift_maps.ridge must be >= 0"),
-    ("--config.model.image_tower=resnet9000", "unknown model.image_tower 'resnet9000'"),
-    ("--config.data.unlabeled=own_task", "task 2 (unlabeled) has no image in the train split"),
-    ("--config.model.image_tower_weights=/nonexistent/resnet50.npz",
+@pytest.mark.parametrize("path, value, message", [
+    ("train.strategy", "bogus", "unknown train.strategy component(s) ['bogus']"),
+    ("continual.ewc.strength", -1.0, "continual.ewc.strength must be a positive number"),
+    ("continual.bct.weight", 0.0, "continual.bct.weight must be a positive number"),
+    ("eval.split", "train", "unknown eval.split 'train'"),
+    ("model.text_tower", "lstm", "unknown model.text_tower 'lstm'"),
+    ("train.epochs_per_task", 0, "train.epochs_per_task must be positive"),
+    ("train.learning_rate", -1.0, "train.learning_rate must be positive"),
+    ("loss.name", "triplet", "unknown loss.name 'triplet'"),
+    ("data.num_tasks", 9, "num_tasks=9 but the dataset has only 5 category groups"),
+    ("train.batch_size", 12, "train.batch_size=12 is not divisible by the 8 devices"),
+    ("train.checkpoint_every", -5, "train.checkpoint_every must be a whole number of steps"),
+    ("eval.ann_recall_target", 1.5, "eval.ann_recall_target must be a recall in (0, 1]"),
+    ("eval.drift_maps.ridge", -1.0, "eval.drift_maps.ridge must be >= 0"),
+    ("eval.drift_maps.fit_images", 0, "eval.drift_maps.fit_images must be a positive whole number"),
+    ("model.image_tower", "resnet9000", "unknown model.image_tower 'resnet9000'"),
+    ("data.unlabeled", "own_task", "task 2 (unlabeled) has no image in the train split"),
+    ("model.image_tower_weights", "/nonexistent/resnet50.npz",
      "model.image_tower_weights: no pretrained weights file at /nonexistent/resnet50.npz"),
 ])
+def test_bad_config_values_are_user_errors_naming_the_field(tmp_path, path, value, message):
+  with pytest.raises(experiment.UserError, match=re.escape(message)):
+    experiment.run(tiny_config(**{path: value}), str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.batch_size=0", "train.batch_size must be positive"),
+    ("--config.data.num_tasks=9", "num_tasks=9 but the dataset has only 5 category groups"),
+])
 def test_bad_config_values_stop_with_a_message_and_no_traceback(tmp_path, override, message):
+  """The command line's side of the user errors above: exit status 2, one line, no traceback."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", override,
                          f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -221,13 +234,8 @@ def test_allow_config_change_through_the_command_logs_every_difference(finished_
   assert json.load(open(os.path.join(copy, "results.json")))["policies"] == results["policies"]
 
 
-def test_a_continual_strategy_trains_and_saves_its_state(tmp_path):
-  config = tiny.get_config()
-  # LwF on several devices runs in its own process, without the session's compilation cache (below).
-  config.train.strategy = "ewc+replay"
-  config.data.scenes.num_train = 160
-  workdir = str(tmp_path / "run")
-  experiment.run(config, workdir)
+def test_a_continual_strategy_trains_and_saves_its_state(ewc_replay_run):
+  workdir, _ = ewc_replay_run  # the tiny config under ewc+replay (tests/conftest.py)
   for path in ("results.json", "continual/task_00/regularizers", "continual/task_00/replay.npz",
                "continual/task_01/regularizers", "continual/task_01/replay.npz"):
     assert os.path.exists(os.path.join(workdir, path)), path
@@ -240,7 +248,7 @@ def test_a_continual_strategy_trains_and_saves_its_state(tmp_path):
     assert int(ewc_state["num_tasks"]) == consolidations
 
 
-def test_lwf_trains_sharded_over_two_devices(tmp_path):
+def test_lwf_and_bct_train_sharded_over_two_devices(tmp_path):
   # Without a persistent compilation cache: on jax 0.10.2 the LwF step, loaded from that cache, deadlocks in
   # XLA:CPU's all-gathers on 2 devices (a fresh compile never did in 3,000 steps and 14 runs on 2 and 8
   # devices). A hang fails this test through its timeout.
@@ -248,7 +256,7 @@ def test_lwf_trains_sharded_over_two_devices(tmp_path):
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   workdir = str(tmp_path / "run")
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py",
-                         "--config.train.strategy=lwf", "--config.train.epochs_per_task=3",
+                         "--config.train.strategy=lwf+bct", "--config.train.epochs_per_task=3",
                          f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # LwF distilled from S_0 while task 1 trained, and had no teacher on task 0.
@@ -256,6 +264,9 @@ def test_lwf_trains_sharded_over_two_devices(tmp_path):
   assert distillation["train/task_00/distillation"] and not any(distillation["train/task_00/distillation"])
   # On task 1 the student starts as the teacher (a KL of 0 up to rounding) and then moves away from it.
   assert abs(distillation["train/task_01/distillation"][0]) < 1e-3 < distillation["train/task_01/distillation"][-1]
+  # The backward-compatible term (bct) against the same teacher: none on task 0, positive on task 1.
+  compatibility = _logged_scalars(os.path.join(workdir, "tensorboard"), "compatibility")
+  assert not any(compatibility["train/task_00/compatibility"]) and min(compatibility["train/task_01/compatibility"]) > 0
 
 
 def _logged_scalars(folder: str, suffix: str) -> dict[str, list[float]]:

@@ -3,9 +3,11 @@
 The run (tiny config, EWC + replay, both policies) holds one artifact of every
 kind. Each case copies it, damages one artifact — truncated to half, 64 bytes
 flipped in the middle, or deleted (a folder artifact: its largest file) — and
-reruns the same config. A computed artifact must come back with results equal
-float for float to the untouched run's; a trained one must stop the rerun with
-a one-line error naming it, leaving the workdir as it was.
+reruns the same config. A computed artifact must be planned for recomputation
+and, rerun in full after one of the damages (each damage for some kinds), come
+back with results equal float for float to the untouched run's; a trained one
+must stop the rerun with a one-line error naming it, leaving the workdir as it
+was.
 """
 
 import os
@@ -16,10 +18,9 @@ import sys
 import pytest
 
 from ccmr_jax import checkpoint, experiment, integrity, manifest
-from configs import tiny
+from tests.conftest import EWC_REPLAY_OVERRIDES, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"train.strategy": "ewc+replay", "continual.replay.memory_per_task": 20}
 # One instance of every kind, chosen where a rerun reads it: task 0's artifacts are what task 1 was built on.
 ARTIFACTS = {
     "config": "config.json",
@@ -44,14 +45,7 @@ NUMBERS = ("tasks_trained", "zero_shot", "policies", "policies_agnostic", "analy
 
 
 def _config(**extra):
-  config = tiny.get_config()
-  for path, value in {**OVERRIDES, **extra}.items():
-    section, field = path.rsplit(".", 1)
-    node = config
-    for part in section.split("."):
-      node = node[part]
-    node[field] = value
-  return config
+  return tiny_config(**EWC_REPLAY_OVERRIDES, **extra)
 
 
 def _numbers(results: dict) -> dict:
@@ -59,9 +53,9 @@ def _numbers(results: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("finished"))
-  return workdir, _numbers(experiment.run(_config(), workdir))
+def finished(ewc_replay_run):
+  workdir, results = ewc_replay_run
+  return workdir, _numbers(results)
 
 
 def _target(path: str) -> str:
@@ -93,9 +87,19 @@ def _listing(workdir: str) -> dict:
           for root, _, names in os.walk(workdir) for name in names if name != ".lock"}
 
 
+def _rerun_damage(kind: str) -> str:
+  """The damage after which a computed kind's rerun runs in full: the kinds take the damages in turn.
+
+  The other two damages of that kind are checked as far as the rerun's plan (the artifact is found
+  damaged and will be recomputed): the repair itself does not depend on how the bytes were damaged.
+  """
+  return DAMAGES[sorted(REPAIRED).index(kind) % len(DAMAGES)]
+
+
 def test_every_artifact_kind_is_in_the_damage_table():
   # progress checkpoints exist only mid-task: test_a_damaged_progress_checkpoint... covers them.
   assert set(ARTIFACTS) | {"progress"} == set(integrity.PATTERNS)
+  assert {_rerun_damage(kind) for kind in REPAIRED} == set(DAMAGES)  # every damage is repaired in full somewhere
   assert set(ARTIFACTS) - REPAIRED | {"progress"} == set(integrity.TRAINED) | {"config"}
 
 
@@ -107,8 +111,11 @@ def test_a_damaged_artifact_is_recomputed_to_the_same_numbers_or_named(finished,
   shutil.copytree(workdir, copy)
   damage(os.path.join(copy, ARTIFACTS[kind]), how)
   if kind in REPAIRED:
-    assert _numbers(experiment.run(_config(), copy)) == reference
-    assert all(f.status == "sound" for f in integrity.scan(copy))
+    plan = experiment.plan_repairs(copy, _config(), repair=False)
+    assert not plan.blocked and ARTIFACTS[kind] in plan.delete, plan
+    if how == _rerun_damage(kind):  # each kind rerun in full once, every damage rerun for some kinds
+      assert _numbers(experiment.run(_config(), copy)) == reference
+      assert all(f.status == "sound" for f in integrity.scan(copy))
     return
   before = _listing(copy)
   with pytest.raises(experiment.UserError) as error:
