@@ -77,6 +77,15 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One finished run of ``configs/tiny.py`` (``finetune``), shared read-only: ``(workdir, results)``."""
+  from ccmr_jax import experiment  # noqa: PLC0415
+
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, experiment.run(tiny_config(), workdir)
+
+
+@pytest.fixture(scope="session")
 def ewc_replay_run(tmp_path_factory):
   """One finished tiny ``ewc+replay`` run, shared read-only (tests that damage it work on a copy)."""
   from ccmr_jax import experiment  # noqa: PLC0415

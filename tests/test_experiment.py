@@ -22,10 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  results = experiment.run(tiny.get_config(), workdir)
-  return workdir, results
+def finished_run(tiny_run):
+  return tiny_run  # one tiny run shared with tests/test_search.py (tests/conftest.py)
 
 
 def test_the_run_writes_every_stage_output(finished_run):

@@ -10,16 +10,13 @@ import pytest
 
 from ccmr_jax import cli, drift_maps, experiment, index, manifest, metrics, policies, search, search_figures
 from ccmr_jax import workdir as layout
-from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  experiment.run(tiny.get_config(), workdir)
-  return workdir
+def finished(tiny_run):
+  return tiny_run[0]  # one tiny run shared with tests/test_experiment.py (tests/conftest.py)
 
 
 @pytest.mark.parametrize("after_task", [0, 1])
