@@ -208,7 +208,7 @@ def _policy_cell(view: policies.PolicyView, k: int, modalities: tuple[str, str],
   if per_part:
     found = [exact_top_k(gallery, view.queries[k][j][q], min(top_k, len(gallery)))
              for j, gallery in enumerate(galleries)]
-    scores = [np.einsum("qd,qkd->qk", view.queries[k][j][q], gallery[rows])
+    scores = [policies.found_scores(view.queries[k][j][q], gallery, rows)
               for j, (gallery, rows) in enumerate(zip(galleries, found))]
     top = policies.merge_top_k(found, scores, [len(gallery) for gallery in galleries], min(top_k, len(row_task)))[0]
   else:
@@ -271,7 +271,9 @@ def analyze_workdir(workdir: str, num_tasks_trained: int, knn_k: int = 10, top_k
       for direction, modalities in QUERY_GALLERY.items():
         for k in range(t + 1):
           alignment_cells[policy][direction][t, k], confusion_cells[policy][direction][t, k] = _policy_cell(
-              view, k, modalities, load(k, k)["caption_image"], top_k, per_part=policies.get(policy).query_map)
+              view, k, modalities, load(k, k)["caption_image"], top_k,
+              per_part=policies.get(policy).query_map is not None)
+
   def matrices(cells: dict, keys: tuple[str, ...]) -> dict:
     return {key: _matrix(cells, key, size) for key in keys}
 

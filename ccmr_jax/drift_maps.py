@@ -44,7 +44,6 @@ from ccmr_jax.data.examples import Examples, concatenate
 from ccmr_jax.policies import EmbeddedSplit
 
 MAP_KINDS = ("shift", "linear", "residual", "procrustes")
-DIRECTIONS = ("to_old", "to_new")  # S_t -> S_k (queries), S_k -> S_t (stored galleries)
 MODALITIES = EmbeddedSplit._fields  # ("images", "captions")
 DEFAULT_FIT_IMAGES = 1000
 DEFAULT_RIDGE = 1e-3

@@ -188,8 +188,10 @@ def export_and_index(t: int, current: Sequence[EmbeddedSplit], splits: Sequence[
 
 
 def stored_embeddings(workdir: str) -> Callable[[int, int], EmbeddedSplit]:
-  """``stored(snapshot, k)``: task ``k``'s split as ``snapshot`` embedded it, read from the workdir (checked finite)."""
+  """``stored(snapshot, k)``: task ``k``'s split as ``snapshot`` embedded it, read from the workdir (checked finite)
+  once, then kept for the policies that search it too."""
 
+  @functools.cache
   def stored(snapshot: int, k: int) -> EmbeddedSplit:
     path = layout.embeddings_path(workdir, snapshot, k)
     arrays = manifest.load_npz(path)
@@ -226,22 +228,19 @@ def search_parts(query_parts: Sequence[EmbeddedSplit], searchers: Sequence[Searc
   merged = []
   for direction in range(2):  # 0: i2t (image queries, caption galleries), 1: t2i
     part_rows = [f[direction] for f in found]
-    part_scores = [_scores(q[direction], g[1 - direction], r) for q, g, r in zip(query_parts, galleries, part_rows)]
+    part_scores = [policies.found_scores(q[direction], g[1 - direction], r)
+                   for q, g, r in zip(query_parts, galleries, part_rows)]
     merged.append(policies.merge_top_k(part_rows, part_scores, [len(g[1 - direction]) for g in galleries], k)[0])
   agreements = [f[2] for f in found if f[2] is not None]
   return merged[0], merged[1], (float(np.mean(agreements)) if agreements else None)
 
 
-def _scores(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.ndarray:
-  """Inner products of each query with its found gallery rows (comparable across parts)."""
-  return np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), np.asarray(gallery, np.float32)[rows])
-
-
 def _evaluate_policy(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedSplit], splits: Sequence[Examples],
-                     workdir: str, config: ml_collections.ConfigDict, maps=None) -> dict[str, dict]:
-  """``{scope: {str(k): metrics}}`` of one policy after task ``t``."""
+                     workdir: str, config: ml_collections.ConfigDict, stored: Callable[[int, int], EmbeddedSplit],
+                     maps=None) -> dict[str, dict]:
+  """``{scope: {str(k): metrics}}`` of one policy after task ``t``; ``stored`` from :func:`stored_embeddings`."""
   ks = config.eval.ks
-  view = policies.policy_view(policy, t, current, stored_embeddings(workdir), maps)
+  view = policies.policy_view(policy, t, current, stored, maps)
   searchers = gallery_searchers(policy, view, t, workdir, config)
   task_aware = {str(k): query_gallery(view.queries[k][k], searchers[k], view.galleries[k],
                                       metrics.GroundTruth.from_examples(splits[k]), ks) for k in range(t + 1)}
@@ -325,8 +324,10 @@ def evaluate_after_task(t: int, params, splits: Sequence[Examples], tokenizer: T
   export_and_index(t, current, splits, workdir, config)
   if maps is not None:
     maps.save(layout.drift_maps_path(workdir, t))
+  stored = stored_embeddings(workdir)
   for name, policy in POLICIES.items():
-    for scope, per_task in _evaluate_policy(policy, t, current, splits[:t + 1], workdir, config, maps).items():
+    for scope, per_task in _evaluate_policy(policy, t, current, splits[:t + 1], workdir, config, stored,
+                                            maps).items():
       results[scope][name] = per_task
   return results
 

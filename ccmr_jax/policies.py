@@ -75,10 +75,14 @@ class IndexingPolicy(abc.ABC):
     """Whether the stored vectors are moved (so the stored index of their snapshot does not serve)."""
     return self.gallery_map is not None and gallery_task < current_task
 
+  def moves_queries(self, gallery_task: int, current_task: int) -> bool:
+    """Whether queries aimed at ``gallery_task``'s gallery are moved out of ``S_t``'s space."""
+    return self.query_map is not None and gallery_task < current_task
+
   def prepare_queries(self, queries: EmbeddedSplit, gallery_task: int, current_task: int,
                       maps: Maps | None = None) -> EmbeddedSplit:
     """The vectors that search task ``gallery_task``'s gallery, from queries embedded by ``S_t``."""
-    if self.query_map is None or gallery_task == current_task:
+    if not self.moves_queries(gallery_task, current_task):
       return queries
     return _required(maps, self).apply(self.query_map, "to_old", gallery_task, queries)
 
@@ -176,6 +180,12 @@ def policy_view(policy: IndexingPolicy, t: int, current: Sequence[EmbeddedSplit]
     galleries.append(policy.prepare_gallery(vectors, k, t, maps))
   queries = [[policy.prepare_queries(current[k], j, t, maps) for j in range(t + 1)] for k in range(t + 1)]
   return PolicyView(galleries, queries)
+
+
+def found_scores(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """``[Q, k]`` inner products of each query with the gallery rows found for it: scores of one part that
+  compare with another part's (whatever index found them), for :func:`merge_top_k`."""
+  return np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), np.asarray(gallery, np.float32)[rows])
 
 
 def merge_top_k(rows: Sequence[np.ndarray], scores: Sequence[np.ndarray], sizes: Sequence[int],

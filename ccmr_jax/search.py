@@ -155,7 +155,7 @@ class StoredGalleries:
 
   def _moved(self, rule: policies.IndexingPolicy, vector: np.ndarray, task: int, query: Query) -> np.ndarray:
     """``vector`` moved into the space of task ``task``'s gallery, as ``rule`` moves queries."""
-    if rule.query_map is None or task == self.after_task:
+    if not rule.moves_queries(task, self.after_task):
       return vector
     modality = "captions" if query.direction == "t2i" else "images"
     return self.drift_maps.move(rule.query_map, "to_old", task, modality, vector)
@@ -176,8 +176,7 @@ class StoredGalleries:
   def _hit(self, rank: int, score: float, row: int, tasks: list[int], query: Query) -> Hit:
     """Index row ``row`` of the galleries of ``tasks`` (concatenated in order) as a :class:`Hit`."""
     for task in tasks:
-      gallery = self.galleries[task]
-      size = len(gallery.image_ids) if query.direction == "t2i" else len(gallery.captions)
+      gallery, size = self.galleries[task], self._size(task, query)
       if row < size:
         break
       row -= size

@@ -33,12 +33,16 @@ def test_dual_encoder_gives_unit_vectors_in_one_space(text_tower):
   np.testing.assert_allclose(alone[0], text_emb[0], atol=1e-5)
 
 
+def _batch(seed: int) -> dict:
+  """Four random (image, caption) pairs of the tiny model's shapes, no duplicates."""
+  rng = np.random.default_rng(seed)
+  return {"image": jnp.asarray(rng.integers(0, 255, (4, 64, 64, 3)), jnp.uint8),
+          "tokens": jnp.asarray(rng.integers(1, 50, (4, 8)), jnp.int32),
+          "image_key": jnp.arange(4, dtype=jnp.int32), "text_key": jnp.arange(4, dtype=jnp.int32)}
+
+
 def test_distillation_from_identical_params_adds_nothing_to_the_loss():
-  model = _model()
-  rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 64, 64, 3)), jnp.uint8),
-           "tokens": jnp.asarray(rng.integers(1, 50, (4, 8)), jnp.int32),
-           "image_key": jnp.arange(4, dtype=jnp.int32), "text_key": jnp.arange(4, dtype=jnp.int32)}
+  model, batch = _model(), _batch(seed=0)
   params = model.init(jax.random.key(0), batch["image"], batch["tokens"])
   loss_fn = train.make_loss_fn(model, tiny.get_config().loss, continual_defaults().lwf)
   plain, plain_aux = loss_fn(params, batch)
@@ -75,11 +79,7 @@ def test_backward_compatible_term_matches_its_formula_and_trains_only_the_new_si
 
 
 def test_the_loss_adds_the_weighted_compatibility_term_with_a_teacher():
-  model = _model()
-  rng = np.random.default_rng(1)
-  batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 64, 64, 3)), jnp.uint8),
-           "tokens": jnp.asarray(rng.integers(1, 50, (4, 8)), jnp.int32),
-           "image_key": jnp.arange(4, dtype=jnp.int32), "text_key": jnp.arange(4, dtype=jnp.int32)}
+  model, batch = _model(), _batch(seed=1)
   params = model.init(jax.random.key(0), batch["image"], batch["tokens"])
   teacher = model.init(jax.random.key(1), batch["image"], batch["tokens"])
   bct = ml_collections.ConfigDict({"weight": 0.5})
