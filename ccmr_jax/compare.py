@@ -5,7 +5,8 @@ Reads each workdir's ``results.json`` and writes to ``--out``:
   compare.md, compare.csv     one row per (run, policy, scope): final averages of
                               R@1/5/10 both ways, rsum, mean_r1, the forgetting
                               and BWT of mean_r1, the zero-shot and just-learned
-                              mean_r1, and the drift of old items
+                              mean_r1, the drift of old items, and the matched
+                              query-gallery cosine of the policy
   compare_final_mean_r1.png   grouped bars: final average mean_r1, run × policy
   compare_curves.png          mean_r1 averaged over the seen tasks after each task t
   compare_mean_std.md/.csv    mean ± std (and n) over runs that differ only in
@@ -41,8 +42,9 @@ from ccmr_jax.metrics import HEADLINE, SCOPES, metric_names
 
 FINAL_METRICS = tuple(metric_names((1, 5, 10)))
 # Beside the final averages: the starting encoders' mean_r1 (mean over tasks), the just-learned mean_r1
-# (mean of the diagonal R[k][k]), and the drift of old tasks' items to the final snapshot (mean cosine).
-CONTEXT_COLUMNS = ("zero_shot_mean_r1", "diagonal_mean_r1", "drift_images", "drift_captions")
+# (mean of the diagonal R[k][k]), the drift of old tasks' items to the final snapshot (mean cosine), and the
+# cosine of an S_final image query to its own caption in the gallery the policy searches (mean over tasks).
+CONTEXT_COLUMNS = ("zero_shot_mean_r1", "diagonal_mean_r1", "drift_images", "drift_captions", "matched_cosine_i2t")
 NUMERIC_COLUMNS = (*FINAL_METRICS, "forgetting_mean_r1", "bwt_mean_r1", *CONTEXT_COLUMNS)
 COLUMNS = ("run", "policy", "scope", "tasks_trained", *NUMERIC_COLUMNS, "workdir")
 AGGREGATE_COLUMNS = ("group", "policy", "scope", "n", *NUMERIC_COLUMNS)
@@ -184,20 +186,22 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict]:
           row[metric] = per_metric[metric]["final_average"] if metric in per_metric else None
         row["forgetting_mean_r1"] = per_metric[HEADLINE].get("forgetting")
         row["bwt_mean_r1"] = per_metric[HEADLINE].get("bwt")
-        row.update(_context(run, per_metric[HEADLINE]["matrix"]))
+        row.update(_context(run, policy, per_metric[HEADLINE]["matrix"]))
         row["workdir"] = run.workdir
         rows.append(row)
   return rows
 
 
-def _context(run: Run, matrix: list[list]) -> dict:
-  """The :data:`CONTEXT_COLUMNS` of one run (``None`` where the run did not record them)."""
+def _context(run: Run, policy: str, matrix: list[list]) -> dict:
+  """The :data:`CONTEXT_COLUMNS` of one run and policy (``None`` where the run did not record them)."""
   zero_shot = run.results.get("zero_shot", {}).get(HEADLINE)
-  drift = run.results.get("analysis_summary", {}).get("drift_to_final", {})
+  summary = run.results.get("analysis_summary", {})
+  drift = summary.get("drift_to_final", {})
   return {"zero_shot_mean_r1": float(np.mean(zero_shot)) if zero_shot else None,
           "diagonal_mean_r1": float(np.mean([matrix[k][k] for k in range(len(matrix))])),
           "drift_images": drift.get("images", {}).get("mean_cosine"),
-          "drift_captions": drift.get("captions", {}).get("mean_cosine")}
+          "drift_captions": drift.get("captions", {}).get("mean_cosine"),
+          "matched_cosine_i2t": summary.get("final_matched_cosine", {}).get(policy, {}).get("i2t")}
 
 
 def replicate_key(results: dict) -> str:
@@ -285,7 +289,7 @@ def _markdown(runs: Sequence[Run], rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+def csv_text(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
   writer.writeheader()
@@ -294,7 +298,7 @@ def _csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
   return buffer.getvalue()
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
   figure = Figure(figsize=(width, height))
   FigureCanvasAgg(figure)
   return figure
@@ -304,7 +308,7 @@ def _plot_final_bars(runs: Sequence[Run], rows: list[dict], path: str) -> None:
   labels = run_labels(runs)
   series = list(dict.fromkeys((row["policy"], row["scope"]) for row in rows))
   value = {(row["run"], row["policy"], row["scope"]): row[HEADLINE] for row in rows}
-  figure = _new_figure(max(5.0, 1.2 + 0.5 * len(labels) * len(series)), 4.0)
+  figure = new_figure(max(5.0, 1.2 + 0.5 * len(labels) * len(series)), 4.0)
   ax = figure.subplots()
   width = 0.8 / len(series)
   for i, (policy, scope) in enumerate(series):
@@ -323,7 +327,7 @@ def _plot_final_bars(runs: Sequence[Run], rows: list[dict], path: str) -> None:
 def _plot_curves(runs: Sequence[Run], path: str) -> None:
   labels = run_labels(runs)
   scopes = list(dict.fromkeys(scope for run in runs for scope in run.scopes()))
-  figure = _new_figure(5.2 * len(scopes), 4.0)
+  figure = new_figure(5.2 * len(scopes), 4.0)
   axes = figure.subplots(1, len(scopes), squeeze=False, sharey=True)[0]
   styles = ["-", "--", ":", "-."]
   for ax, scope in zip(axes, scopes):
@@ -354,32 +358,37 @@ def write_comparison(runs: Sequence[Run], out_dir: str) -> list[str]:
   rows = comparison_rows(runs)
   paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
   files.atomic_write_text(paths[0], _markdown(runs, rows))
-  files.atomic_write_text(paths[1], _csv(rows))
+  files.atomic_write_text(paths[1], csv_text(rows))
   _plot_final_bars(runs, rows, paths[2])
   _plot_curves(runs, paths[3])
   aggregates = aggregate_rows(runs, rows)
   files.atomic_write_text(paths[4], _aggregate_markdown(aggregates))
-  files.atomic_write_text(paths[5], _csv(aggregates, [c for name in AGGREGATE_COLUMNS
+  files.atomic_write_text(paths[5], csv_text(aggregates, [c for name in AGGREGATE_COLUMNS
                                                       for c in ((name, f"{name}_std") if name in NUMERIC_COLUMNS
                                                                 else (name,))]))
   return paths
 
 
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated workdirs of finished runs.")
-_OUT = flags.DEFINE_string("out", None, "Folder for compare.md, compare.csv and the plots.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command's flags on ``flag_values`` (the command calls it once, before parsing)."""
+  flags.DEFINE_list("workdirs", None, "Comma-separated workdirs of finished runs.", flag_values=flag_values,
+                    required=True)
+  flags.DEFINE_string("out", None, "Folder for compare.md, compare.csv and the plots.", flag_values=flag_values,
+                      required=True)
 
 
 @cli.exits_on_user_error(CompareError)
-def main(argv) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  out = flag_values["out"].value
   try:
-    paths = write_comparison(load_runs(_WORKDIRS.value), _OUT.value)
+    paths = write_comparison(load_runs(flag_values["workdirs"].value), out)
   except OSError as e:
-    raise cli.UserError(f"cannot write to --out={_OUT.value}: {e.strerror or e}") from e
+    raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
   print("wrote:\n  " + "\n  ".join(paths))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdirs", "out"])
+  define_flags()
   cli.run(main)

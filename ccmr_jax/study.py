@@ -1,0 +1,330 @@
+"""A study over cells of seeded runs: ``python -m ccmr_jax.study --cells=LABEL=DIR,... --out=DIR``.
+
+A *cell* is one setting of an experiment (a factor's value, a strategy at its
+chosen strength) run over several seeds. ``DIR`` is a sweep's folder, whose
+sub-folders holding a ``results.json`` are the cell's runs
+(``finetune_seed=0``, ``finetune_seed=1``, ...), or one run's workdir. Over
+a cell's ``n`` runs every figure is the mean ± the sample standard deviation
+(``ddof = 1``; 0 when ``n = 1``):
+
+  * each policy's final average of mean R@1, ``x = (1/T) Σ_k R[T-1][k]``, in
+    each scope, and its forgetting;
+  * the paired difference to ``reindex``: ``d_s = x_s(policy) − x_s(reindex)``
+    within each run ``s``, then the mean ± std of ``d`` (the seed's shared
+    luck cancels, so this spread is the one that decides a finding);
+  * context: zero-shot and just-learned mean R@1, the drift of old tasks'
+    items to the final snapshot (mean cosine of ``S_k``'s and ``S_final``'s
+    vectors, images and captions) and each policy's matched query–gallery
+    cosine (i2t).
+
+Over all runs of all cells, the gain of not re-indexing against drift:
+``g = x(no_reindex) − x(reindex)`` (task-aware and task-agnostic) against
+the drift distance ``δ = 1 − (cos_images + cos_captions) / 2``, with the
+least-squares line ``g ≈ a + b δ`` and its ``R²``.
+
+Writes ``study.md`` (the tables), ``study.csv`` (one row per cell × scope ×
+policy, every mean and std) and ``gain_vs_drift.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from ccmr_jax import cli, compare, files, manifest
+from ccmr_jax import workdir as layout
+from ccmr_jax.metrics import HEADLINE
+
+REFERENCE = "reindex"
+NOT_REINDEXING = "no_reindex"
+# The columns of compare.comparison_rows that a cell averages.
+CELL_COLUMNS = (HEADLINE, "forgetting_mean_r1", "zero_shot_mean_r1", "diagonal_mean_r1", "drift_images",
+                "drift_captions", "matched_cosine_i2t")
+CSV_COLUMNS = ("cell", "scope", "policy", "n",
+               *(name for column in (*CELL_COLUMNS, "minus_reindex") for name in (column, f"{column}_std")))
+OUTPUT_NAMES = ("study.md", "study.csv", "gain_vs_drift.png")
+
+
+class StudyError(cli.UserError):
+  """A cell that cannot be read (no runs, malformed results, a bad --cells entry); the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One labelled setting and its runs (one per seed)."""
+
+  label: str
+  folder: str
+  runs: tuple[compare.Run, ...]
+
+
+def parse_cells(specs: Sequence[str]) -> list[tuple[str, str]]:
+  """``["LABEL=DIR", ...]`` → ``[(label, dir), ...]``; refuses an entry without ``=`` and a label given twice."""
+  if not specs:
+    raise StudyError("no cell given; pass --cells=LABEL=DIR,LABEL=DIR,...")
+  cells = []
+  for spec in specs:
+    label, sep, folder = spec.partition("=")
+    if not (sep and label.strip() and folder.strip()):
+      raise StudyError(f"--cells entry {spec!r} should be LABEL=DIR (a sweep folder or a run's workdir)")
+    if label in dict(cells):
+      raise StudyError(f"cell {label!r} is given twice in --cells")
+    cells.append((label, folder))
+  return cells
+
+
+def run_folders(folder: str) -> list[str]:
+  """The runs of a cell folder: itself if it holds a ``results.json``, else its sub-folders that do (sorted)."""
+  if manifest.is_sealed(layout.results_path(folder)):
+    return [folder]
+  if not files.is_dir(folder):
+    raise StudyError(f"cell folder {folder} does not exist")
+  runs = sorted(os.path.join(folder, name) for name in files.listdir(folder)
+                if manifest.is_sealed(layout.results_path(os.path.join(folder, name))))
+  if not runs:
+    raise StudyError(f"cell folder {folder} holds no finished run (no results.json in it or its sub-folders)")
+  return runs
+
+
+def load_cells(specs: Sequence[str]) -> list[Cell]:
+  """Reads every cell's runs; a malformed ``results.json`` stops it with the run's path."""
+  try:
+    return [Cell(label, folder, tuple(compare.load_runs(run_folders(folder))))
+            for label, folder in parse_cells(specs)]
+  except compare.CompareError as e:
+    raise StudyError(str(e)) from e
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+  if any(v is None for v in values):
+    return None, None
+  array = np.asarray(values, np.float64)
+  return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else 0.0)
+
+
+def _shared_keys(cell: Cell, rows: Sequence[dict]) -> list[tuple[str, str]]:
+  """The (scope, policy) pairs every run of the cell has, in the first run's order."""
+  per_run = [{(r["scope"], r["policy"]) for r in rows if r["workdir"] == run.workdir} for run in cell.runs]
+  first = [(r["scope"], r["policy"]) for r in rows if r["workdir"] == cell.runs[0].workdir]
+  return [key for key in first if all(key in keys for keys in per_run)]
+
+
+def cell_rows(cell: Cell) -> list[dict]:
+  """One row per (scope, policy) of the cell: the mean and std of :data:`CELL_COLUMNS` and ``minus_reindex``."""
+  rows = compare.comparison_rows(cell.runs)
+  by_key = {(r["workdir"], r["scope"], r["policy"]): r for r in rows}
+  workdirs = [run.workdir for run in cell.runs]
+  out = []
+  for scope, policy in _shared_keys(cell, rows):
+    members = [by_key[w, scope, policy] for w in workdirs]
+    row = {"cell": cell.label, "scope": scope, "policy": policy, "n": len(members)}
+    for column in CELL_COLUMNS:
+      row[column], row[f"{column}_std"] = _mean_std([m[column] for m in members])
+    references = [by_key.get((w, scope, REFERENCE)) for w in workdirs]
+    differences = [None if ref is None else m[HEADLINE] - ref[HEADLINE] for m, ref in zip(members, references)]
+    row["minus_reindex"], row["minus_reindex_std"] = _mean_std(differences)
+    out.append(row)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftPoint:
+  """One run: its drift distance ``δ`` and its gain ``g`` of not re-indexing, per scope."""
+
+  cell: str
+  workdir: str
+  drift: float
+  gain: dict[str, float]
+
+
+def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
+  """Every run with a drift measurement and both policies: ``δ = 1 − (cos_img + cos_cap)/2``, ``g`` per scope."""
+  points = []
+  for cell in cells:
+    for run in cell.runs:
+      drift = run.results.get("analysis_summary", {}).get("drift_to_final", {})
+      cosines = [drift.get(side, {}).get("mean_cosine") for side in ("images", "captions")]
+      gains = {scope: policies[NOT_REINDEXING][HEADLINE]["final_average"]
+               - policies[REFERENCE][HEADLINE]["final_average"]
+               for scope, policies in run.scopes().items() if {NOT_REINDEXING, REFERENCE} <= set(policies)}
+      if None not in cosines and gains:
+        points.append(DriftPoint(cell.label, run.workdir, 1.0 - float(np.mean(cosines)), gains))
+  return points
+
+
+@dataclasses.dataclass(frozen=True)
+class LineFit:
+  """``g ≈ intercept + slope · δ`` by least squares over ``n`` runs, with its coefficient of determination."""
+
+  intercept: float
+  slope: float
+  r_squared: float
+  n: int
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit | None:
+  """Least squares ``y ≈ a + b x``; ``R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)²``. ``None`` below 3 points or one x."""
+  x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  if len(x) < 3 or np.ptp(x) == 0:
+    return None
+  slope, intercept = np.polyfit(x, y, 1)
+  residual = y - (intercept + slope * x)
+  total = float(((y - y.mean()) ** 2).sum())
+  r_squared = 1.0 - float((residual ** 2).sum()) / total if total > 0 else 1.0
+  return LineFit(float(intercept), float(slope), r_squared, len(x))
+
+
+def scope_fits(points: Sequence[DriftPoint]) -> dict[str, LineFit | None]:
+  """:func:`fit_line` of gain against drift in each scope the points have."""
+  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  return {scope: fit_line([p.drift for p in points if scope in p.gain], [p.gain[scope] for p in points
+                                                                          if scope in p.gain])
+          for scope in scopes}
+
+
+def _plot_gain_vs_drift(points: Sequence[DriftPoint], fits: dict[str, LineFit | None], path: str) -> None:
+  figure = compare.new_figure(5.2 * max(1, len(fits)), 4.4)
+  axes = figure.subplots(1, max(1, len(fits)), squeeze=False, sharey=True)[0]
+  labels = list(dict.fromkeys(p.cell for p in points))
+  for ax, (scope, fit) in zip(axes, fits.items()):
+    for i, label in enumerate(labels):
+      mine = [p for p in points if p.cell == label and scope in p.gain]
+      ax.scatter([p.drift for p in mine], [p.gain[scope] for p in mine], color=f"C{i % 10}",
+                 marker="osD^v<>"[i // 10 % 7], label=label)
+    if fit is not None:
+      xs = np.linspace(0.0, max(p.drift for p in points), 50)
+      ax.plot(xs, fit.intercept + fit.slope * xs, "k--", lw=1,
+              label=f"g = {fit.intercept:.1f} {fit.slope:+.1f} δ (R² {fit.r_squared:.2f})")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_title(f"{scope}: no_reindex − reindex, final mean R@1")
+    ax.set_xlabel("drift δ = 1 − mean cosine(S_k, S_final) of old items")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("gain of not re-indexing (points)")
+  axes[-1].legend(fontsize=6, loc="lower left")
+  files.atomic_save_figure(figure, path)
+
+
+def _cell(row: dict | None, column: str) -> str:
+  if row is None or row[column] is None:
+    return "—"
+  return f"{row[column]:.2f} ± {row[column + '_std']:.2f}"
+
+
+def _best_compensation(rows: Sequence[dict]) -> dict | None:
+  """The policy other than reindex and no_reindex with the highest mean final (``None`` if there is none)."""
+  others = [r for r in rows if r["policy"] not in (REFERENCE, NOT_REINDEXING)]
+  return max(others, key=lambda r: r[HEADLINE]) if others else None
+
+
+def _recall_table(rows: Sequence[dict]) -> list[str]:
+  lines = ["| cell | scope | n | reindex final | no_reindex final | no − re (paired) | best compensation: final, − re "
+           "(paired) | reindex forgetting | no_reindex forgetting |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["cell"], row["scope"]), {})[row["policy"]] = row
+  for (cell, scope), by_policy in groups.items():
+    re, no = by_policy.get(REFERENCE), by_policy.get(NOT_REINDEXING)
+    best = _best_compensation(list(by_policy.values()))
+    best_text = "—" if best is None else (f"`{best['policy']}`: {_cell(best, HEADLINE)}, "
+                                         f"{_cell(best, 'minus_reindex')}")
+    n = next(iter(by_policy.values()))["n"]
+    lines.append(f"| {cell} | {scope} | {n} | {_cell(re, HEADLINE)} | {_cell(no, HEADLINE)} | "
+                 f"{_cell(no, 'minus_reindex')} | {best_text} | {_cell(re, 'forgetting_mean_r1')} | "
+                 f"{_cell(no, 'forgetting_mean_r1')} |")
+  return lines
+
+
+def _context_table(rows: Sequence[dict]) -> list[str]:
+  lines = ["| cell | zero-shot | just learned | drift images | drift captions | matched cosine i2t reindex | "
+           "matched cosine i2t no_reindex |", "|---|---:|---:|---:|---:|---:|---:|"]
+  aware = {(r["cell"], r["policy"]): r for r in rows if r["scope"] == "task_aware"}
+  for cell in dict.fromkeys(r["cell"] for r in rows):
+    re, no = aware.get((cell, REFERENCE)), aware.get((cell, NOT_REINDEXING))
+    lines.append(f"| {cell} | {_cell(re, 'zero_shot_mean_r1')} | {_cell(re, 'diagonal_mean_r1')} | "
+                 f"{_cell(re, 'drift_images')} | {_cell(re, 'drift_captions')} | {_cell(re, 'matched_cosine_i2t')} | "
+                 f"{_cell(no, 'matched_cosine_i2t')} |")
+  return lines
+
+
+def _policy_table(rows: Sequence[dict]) -> list[str]:
+  policies = list(dict.fromkeys(r["policy"] for r in rows))
+  lines = ["| cell | scope | " + " | ".join(f"`{p}`" for p in policies) + " |",
+           "|---|---|" + "---:|" * len(policies)]
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["cell"], row["scope"]), {})[row["policy"]] = row
+  for (cell, scope), by_policy in groups.items():
+    cells = [_cell(by_policy.get(p), HEADLINE) + ("" if p == REFERENCE or p not in by_policy else
+                                                  f" ({_cell(by_policy[p], 'minus_reindex')})") for p in policies]
+    lines.append(f"| {cell} | {scope} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _fit_lines(fits: dict[str, LineFit | None]) -> list[str]:
+  lines = []
+  for scope, fit in fits.items():
+    if fit is None:
+      lines.append(f"- {scope}: too few runs (or one drift value) to fit a line.")
+      continue
+    zero = f"; g = 0 at δ = {-fit.intercept / fit.slope:.3f}" if fit.slope else ""
+    lines.append(f"- {scope}: g ≈ {fit.intercept:.2f} {fit.slope:+.2f} · δ over {fit.n} runs, "
+                 f"R² = {fit.r_squared:.2f}{zero}.")
+  return lines
+
+
+def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[str, LineFit | None]) -> str:
+  """The tables of ``study.md``: recall per cell and scope, context, every policy, the gain-vs-drift fit."""
+  lines = ["# Study", "", "Mean ± sample std (ddof = 1) over each cell's n runs (seeds). Final = mean over tasks k of "
+           "R[T-1][k] of mean R@1 = (i2t R@1 + t2i R@1)/2, in percent; \"− re (paired)\" is the mean ± std of the "
+           "per-run difference to reindex. Drift = mean cosine of an old item's S_k and S_final vectors; "
+           "matched cosine = S_final image query to its own caption in the searched gallery.", "",
+           "## Recall", "", *_recall_table(rows), "", "## Context (task-aware)", "", *_context_table(rows), "",
+           "## Every policy (final, and − reindex paired)", "", *_policy_table(rows), "",
+           "## Gain of not re-indexing against drift", "",
+           "Every run: g = no_reindex − reindex final mean R@1 against δ = 1 − (cos images + cos captions)/2.", "",
+           *_fit_lines(fits), "", "![gain against drift](gain_vs_drift.png)", "", "## Cells", "",
+           "| cell | folder | runs |", "|---|---|---|"]
+  lines += [f"| {c.label} | `{c.folder}` | {', '.join(os.path.basename(r.workdir) for r in c.runs)} |" for c in cells]
+  return "\n".join(lines) + "\n"
+
+
+def write_study(cells: Sequence[Cell], out_dir: str) -> list[str]:
+  """Writes :data:`OUTPUT_NAMES` into ``out_dir`` and returns their paths."""
+  rows = [row for cell in cells for row in cell_rows(cell)]
+  points = drift_points(cells)
+  fits = scope_fits(points)
+  paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
+  files.atomic_write_text(paths[0], study_markdown(cells, rows, fits))
+  files.atomic_write_text(paths[1], compare.csv_text(rows, CSV_COLUMNS))
+  _plot_gain_vs_drift(points, fits, paths[2])
+  return paths
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command's flags on ``flag_values`` (the command calls it once, before parsing)."""
+  flags.DEFINE_list("cells", None, "Comma-separated LABEL=DIR: a sweep folder of one setting's seeded runs, or one "
+                    "run's workdir.", flag_values=flag_values, required=True)
+  flags.DEFINE_string("out", None, "Folder for study.md, study.csv and gain_vs_drift.png.", flag_values=flag_values,
+                      required=True)
+
+
+@cli.exits_on_user_error()
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cells = load_cells(flag_values["cells"].value)
+  out = flag_values["out"].value
+  try:
+    paths = write_study(cells, out)
+  except OSError as e:
+    raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
+  print("wrote:\n  " + "\n  ".join(paths))
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

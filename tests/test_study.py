@@ -1,0 +1,137 @@
+"""The study over seeded cells, from hand-made results.json files."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ccmr_jax import manifest, metrics, report, study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = metrics.metric_names((1, 5, 10))
+
+
+def _results(final_row, drift=(0.8, 0.9)):
+  """Two tasks; every metric of policy p after task 1 is ``final_row[p]`` on both tasks (so its final average).
+
+  After task 0 every metric is 50. ``drift`` gives the images' and captions' mean cosine to the final snapshot.
+  """
+  evaluations = []
+  for t in range(2):
+    aware = {p: {str(k): {m: (50.0 if t == 0 else value) for m in METRICS} for k in range(t + 1)}
+             for p, value in final_row.items()}
+    agnostic = {p: {k: {m: v - 1.0 for m, v in per.items()} for k, per in tasks.items()}
+                for p, tasks in aware.items()}
+    evaluations.append({"task_aware": aware, "task_agnostic": agnostic})
+  run_info = {"config": {"data": {"source": "scenes"}, "train": {"strategy": "finetune"}},
+              "tasks": [{"index": k, "name": f"t{k}", "categories": [], "counts": {}} for k in range(2)]}
+  results = report.build_results(evaluations, METRICS, run_info)
+  results["analysis_summary"] = {
+      "drift_to_final": {"images": {"mean_cosine": drift[0]}, "captions": {"mean_cosine": drift[1]}},
+      "final_matched_cosine": {p: {"i2t": 0.5 + 0.01 * i, "t2i": 0.5} for i, p in enumerate(final_row)}}
+  return results
+
+
+def _write_cell(folder, finals, drifts):
+  """A sweep folder with one run per seed: ``finals[s]`` = {policy: final}, ``drifts[s]`` = (images, captions)."""
+  for seed, (final_row, drift) in enumerate(zip(finals, drifts)):
+    manifest.write_json(os.path.join(folder, f"finetune_seed={seed}", "results.json"), _results(final_row, drift))
+  return str(folder)
+
+
+FINALS = [{"reindex": 30.0, "no_reindex": 28.0, "no_reindex+shift": 29.0},
+          {"reindex": 40.0, "no_reindex": 37.0, "no_reindex+shift": 39.0},
+          {"reindex": 50.0, "no_reindex": 49.0, "no_reindex+shift": 49.5}]
+DRIFTS = [(0.8, 0.9), (0.7, 0.9), (0.9, 0.9)]
+
+
+@pytest.fixture
+def cells(tmp_path):
+  default = _write_cell(tmp_path / "default", FINALS, DRIFTS)
+  frozen = _write_cell(tmp_path / "frozen", [{"reindex": 30.0, "no_reindex": 31.0}, {"reindex": 32.0,
+                                                                                    "no_reindex": 33.5}],
+                       [(1.0, 0.96), (1.0, 0.98)])
+  return study.load_cells([f"default={default}", f"frozen={frozen}"])
+
+
+def test_a_cell_averages_its_seeds_and_pairs_the_differences(cells):
+  rows = {(r["scope"], r["policy"]): r for r in study.cell_rows(cells[0])}
+  re, no = rows["task_aware", "reindex"], rows["task_aware", "no_reindex"]
+  assert re["n"] == 3 and re["mean_r1"] == pytest.approx(40.0) and re["mean_r1_std"] == pytest.approx(10.0)
+  # per seed no − re = -2, -3, -1: the pairing removes the seeds' shared spread of 10
+  assert no["minus_reindex"] == pytest.approx(-2.0) and no["minus_reindex_std"] == pytest.approx(1.0)
+  assert re["minus_reindex"] == 0.0 and re["minus_reindex_std"] == 0.0
+  assert rows["task_agnostic", "no_reindex"]["mean_r1"] == pytest.approx(37.0)  # every value − 1
+  assert re["forgetting_mean_r1"] == pytest.approx(10.0)  # 50 → 40 on task 0
+  assert re["drift_images"] == pytest.approx(0.8) and re["drift_images_std"] == pytest.approx(0.1)
+  assert no["matched_cosine_i2t"] == pytest.approx(0.51)
+
+
+def test_drift_points_and_the_fitted_line(cells):
+  points = study.drift_points(cells)
+  assert [p.cell for p in points] == ["default"] * 3 + ["frozen"] * 2
+  assert points[0].drift == pytest.approx(0.15) and points[0].gain["task_aware"] == pytest.approx(-2.0)
+  assert points[3].drift == pytest.approx(0.02) and points[3].gain["task_agnostic"] == pytest.approx(1.0)
+  fits = study.scope_fits(points)
+  x = np.array([p.drift for p in points])
+  y = np.array([p.gain["task_aware"] for p in points])
+  slope, intercept = np.polyfit(x, y, 1)
+  assert fits["task_aware"].slope == pytest.approx(slope) and fits["task_aware"].intercept == pytest.approx(intercept)
+  assert fits["task_aware"].n == 5 and 0.0 < fits["task_aware"].r_squared < 1.0
+
+
+def test_fit_line_recovers_an_exact_line_and_refuses_too_few_points():
+  fit = study.fit_line([0.0, 0.1, 0.3, 0.4], [1.0, 0.0, -2.0, -3.0])
+  assert (fit.intercept, fit.slope, fit.r_squared) == pytest.approx((1.0, -10.0, 1.0))
+  assert study.fit_line([0.1, 0.2], [1.0, 2.0]) is None
+  assert study.fit_line([0.1, 0.1, 0.1], [1.0, 2.0, 3.0]) is None
+
+
+def test_write_study_writes_the_tables_and_the_plot(cells, tmp_path):
+  paths = study.write_study(cells, str(tmp_path / "out"))
+  assert [os.path.basename(p) for p in paths] == list(study.OUTPUT_NAMES)
+  markdown = open(paths[0]).read()
+  assert ("| default | task_aware | 3 | 40.00 ± 10.00 | 38.00 ± 10.54 | -2.00 ± 1.00 | "
+          "`no_reindex+shift`: 39.17 ± 10.25, -0.83 ± 0.29 |") in markdown
+  assert "| frozen | task_aware | 2 | 31.00 ± 1.41 | 32.25 ± 1.77 | 1.25 ± 0.35 | — |" in markdown
+  assert "task_aware: g ≈" in markdown and "over 5 runs" in markdown
+  with open(paths[1], newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == list(study.CSV_COLUMNS) and len(rows) == 3 * 2 + 2 * 2
+  with open(paths[2], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_run_is_a_cell_of_one(tmp_path):
+  folder = _write_cell(tmp_path / "one", FINALS[:1], DRIFTS[:1])
+  cell = study.load_cells([f"one={folder}/finetune_seed=0"])[0]
+  row = study.cell_rows(cell)[1]
+  assert row["n"] == 1 and row["minus_reindex"] == pytest.approx(-2.0) and row["minus_reindex_std"] == 0.0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nolabel", "should be LABEL=DIR"),
+    ("a={missing}", "does not exist"),
+    ("a={empty}", "holds no finished run"),
+])
+def test_bad_cells_are_refused_with_what_to_fix(tmp_path, spec, message):
+  (tmp_path / "empty").mkdir()
+  spec = spec.format(missing=tmp_path / "missing", empty=tmp_path / "empty")
+  with pytest.raises(study.StudyError, match=message):
+    study.load_cells([spec])
+  with pytest.raises(study.StudyError, match="given twice"):
+    study.parse_cells(["a=x", "a=y"])
+
+
+def test_the_command_exits_2_on_a_malformed_run(tmp_path, cells):
+  broken = tmp_path / "broken" / "finetune_seed=0"
+  manifest.write_json(str(broken / "results.json"), {"config": {}})
+  proc = subprocess.run([sys.executable, "-m", "ccmr_jax.study", f"--cells=b={tmp_path / 'broken'}",
+                         f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "config.train.strategy is missing" in proc.stderr, proc.stderr[-2000:]
+  ok = subprocess.run([sys.executable, "-m", "ccmr_jax.study", f"--cells=d={tmp_path / 'default'}",
+                       f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == sorted(study.OUTPUT_NAMES), ok.stderr
