@@ -19,11 +19,14 @@ a cell's ``n`` runs every figure is the mean ± the sample standard deviation
 
 Over all runs of all cells, the gain of not re-indexing against drift:
 ``g = x(no_reindex) − x(reindex)`` (task-aware and task-agnostic) against
-the drift distance ``δ = 1 − (cos_images + cos_captions) / 2``, with the
-least-squares line ``g ≈ a + b δ`` and its ``R²``.
+two drift distances, both towers' mean ``δ = 1 − (cos_images + cos_captions) / 2``
+and the less-moved tower's ``δ_min = 1 − max(cos_images, cos_captions)``
+(0 when a tower is frozen), each with the least-squares line ``g ≈ a + b x``
+and its ``R²``.
 
 Writes ``study.md`` (the tables), ``study.csv`` (one row per cell × scope ×
-policy, every mean and std) and ``gain_vs_drift.png`` into ``--out``.
+policy, every mean and std), ``gain_vs_drift.png`` and ``gain_vs_drift.csv``
+(one row per run) into ``--out``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ CELL_COLUMNS = (HEADLINE, "forgetting_mean_r1", "zero_shot_mean_r1", "diagonal_m
                 "drift_captions", "matched_cosine_i2t")
 CSV_COLUMNS = ("cell", "scope", "policy", "n",
                *(name for column in (*CELL_COLUMNS, "minus_reindex") for name in (column, f"{column}_std")))
-OUTPUT_NAMES = ("study.md", "study.csv", "gain_vs_drift.png")
+OUTPUT_NAMES = ("study.md", "study.csv", "gain_vs_drift.png", "gain_vs_drift.csv")
 
 
 class StudyError(cli.UserError):
@@ -131,18 +134,31 @@ def cell_rows(cell: Cell) -> list[dict]:
   return out
 
 
+# The drift measures the gain is set against: both towers' mean drift, and the drift of the tower that moved
+# less (0 when one tower is frozen).
+PREDICTORS = {"mean drift": "δ = 1 − (cos_images + cos_captions)/2",
+              "smaller drift": "δ_min = 1 − max(cos_images, cos_captions)"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DriftPoint:
-  """One run: its drift distance ``δ`` and its gain ``g`` of not re-indexing, per scope."""
+  """One run: its old items' mean cosine to the final snapshot per tower, and the gain of not re-indexing."""
 
   cell: str
   workdir: str
-  drift: float
+  cos_images: float
+  cos_captions: float
   gain: dict[str, float]
+
+  def drift(self, predictor: str) -> float:
+    """The :data:`PREDICTORS` value of this run."""
+    if predictor == "mean drift":
+      return 1.0 - 0.5 * (self.cos_images + self.cos_captions)
+    return 1.0 - max(self.cos_images, self.cos_captions)
 
 
 def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
-  """Every run with a drift measurement and both policies: ``δ = 1 − (cos_img + cos_cap)/2``, ``g`` per scope."""
+  """Every run with a drift measurement and both policies, with ``g = no_reindex − reindex`` per scope."""
   points = []
   for cell in cells:
     for run in cell.runs:
@@ -152,7 +168,7 @@ def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
                - policies[REFERENCE][HEADLINE]["final_average"]
                for scope, policies in run.scopes().items() if {NOT_REINDEXING, REFERENCE} <= set(policies)}
       if None not in cosines and gains:
-        points.append(DriftPoint(cell.label, run.workdir, 1.0 - float(np.mean(cosines)), gains))
+        points.append(DriftPoint(cell.label, run.workdir, float(cosines[0]), float(cosines[1]), gains))
   return points
 
 
@@ -178,33 +194,45 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit | None:
   return LineFit(float(intercept), float(slope), r_squared, len(x))
 
 
-def scope_fits(points: Sequence[DriftPoint]) -> dict[str, LineFit | None]:
-  """:func:`fit_line` of gain against drift in each scope the points have."""
+def drift_fits(points: Sequence[DriftPoint]) -> dict[tuple[str, str], LineFit | None]:
+  """:func:`fit_line` of the gain against each of :data:`PREDICTORS`, in each scope: ``{(predictor, scope): fit}``."""
   scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
-  return {scope: fit_line([p.drift for p in points if scope in p.gain], [p.gain[scope] for p in points
-                                                                          if scope in p.gain])
-          for scope in scopes}
+  return {(predictor, scope): fit_line([p.drift(predictor) for p in points if scope in p.gain],
+                                       [p.gain[scope] for p in points if scope in p.gain])
+          for predictor in PREDICTORS for scope in scopes}
 
 
-def _plot_gain_vs_drift(points: Sequence[DriftPoint], fits: dict[str, LineFit | None], path: str) -> None:
-  figure = compare.new_figure(5.2 * max(1, len(fits)), 4.4)
-  axes = figure.subplots(1, max(1, len(fits)), squeeze=False, sharey=True)[0]
+def _points_csv(points: Sequence[DriftPoint]) -> str:
+  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  rows = [{"cell": p.cell, "workdir": p.workdir, "cos_images": p.cos_images, "cos_captions": p.cos_captions,
+           **{f"gain_{scope}": p.gain.get(scope) for scope in scopes}} for p in points]
+  return compare.csv_text(rows, ("cell", "workdir", "cos_images", "cos_captions", *(f"gain_{s}" for s in scopes)))
+
+
+def _plot_gain_vs_drift(points: Sequence[DriftPoint], fits: dict[tuple[str, str], LineFit | None],
+                        path: str) -> None:
+  scopes = list(dict.fromkeys(scope for _, scope in fits)) or ["task_aware"]
+  figure = compare.new_figure(4.6 * len(scopes) + 1.6, 3.8 * len(PREDICTORS))
+  axes = figure.subplots(len(PREDICTORS), len(scopes), squeeze=False, sharey=True)
   labels = list(dict.fromkeys(p.cell for p in points))
-  for ax, (scope, fit) in zip(axes, fits.items()):
-    for i, label in enumerate(labels):
-      mine = [p for p in points if p.cell == label and scope in p.gain]
-      ax.scatter([p.drift for p in mine], [p.gain[scope] for p in mine], color=f"C{i % 10}",
-                 marker="osD^v<>"[i // 10 % 7], label=label)
-    if fit is not None:
-      xs = np.linspace(0.0, max(p.drift for p in points), 50)
-      ax.plot(xs, fit.intercept + fit.slope * xs, "k--", lw=1,
-              label=f"g = {fit.intercept:.1f} {fit.slope:+.1f} δ (R² {fit.r_squared:.2f})")
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_title(f"{scope}: no_reindex − reindex, final mean R@1")
-    ax.set_xlabel("drift δ = 1 − mean cosine(S_k, S_final) of old items")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel("gain of not re-indexing (points)")
-  axes[-1].legend(fontsize=6, loc="lower left")
+  for row, predictor in enumerate(PREDICTORS):
+    for ax, scope in zip(axes[row], scopes):
+      for i, label in enumerate(labels):
+        mine = [p for p in points if p.cell == label and scope in p.gain]
+        ax.scatter([p.drift(predictor) for p in mine], [p.gain[scope] for p in mine], color=f"C{i % 10}",
+                   marker="osD^v<>"[i // 10 % 7], label=label)
+      fit = fits.get((predictor, scope))
+      if fit is not None:
+        xs = np.linspace(0.0, max(p.drift(predictor) for p in points), 50)
+        ax.plot(xs, fit.intercept + fit.slope * xs, "k--", lw=1)
+        ax.set_title(f"{scope}: g = {fit.intercept:.1f} {fit.slope:+.1f} x, R² {fit.r_squared:.2f}", fontsize=9)
+      ax.axhline(0.0, color="grey", lw=0.8)
+      ax.set_xlabel("x: " + PREDICTORS[predictor], fontsize=8)
+      ax.grid(alpha=0.3)
+    axes[row][0].set_ylabel("g = no_reindex − reindex (points)")
+  handles, names = axes[0][0].get_legend_handles_labels()
+  figure.legend(handles, names, loc="center right", fontsize=7)
+  figure.tight_layout(rect=(0.0, 0.0, 1.0 - 1.5 / (4.6 * len(scopes) + 1.6), 1.0))
   files.atomic_save_figure(figure, path)
 
 
@@ -264,19 +292,20 @@ def _policy_table(rows: Sequence[dict]) -> list[str]:
   return lines
 
 
-def _fit_lines(fits: dict[str, LineFit | None]) -> list[str]:
+def _fit_lines(fits: dict[tuple[str, str], LineFit | None]) -> list[str]:
   lines = []
-  for scope, fit in fits.items():
+  for (predictor, scope), fit in fits.items():
+    x = PREDICTORS[predictor].split(" = ")[0]
     if fit is None:
-      lines.append(f"- {scope}: too few runs (or one drift value) to fit a line.")
+      lines.append(f"- {scope}, {predictor}: too few runs (or one drift value) to fit a line.")
       continue
-    zero = f"; g = 0 at δ = {-fit.intercept / fit.slope:.3f}" if fit.slope else ""
-    lines.append(f"- {scope}: g ≈ {fit.intercept:.2f} {fit.slope:+.2f} · δ over {fit.n} runs, "
+    zero = f"; g = 0 at {x} = {-fit.intercept / fit.slope:.3f}" if fit.slope else ""
+    lines.append(f"- {scope}, {predictor}: g ≈ {fit.intercept:.2f} {fit.slope:+.2f} · {x} over {fit.n} runs, "
                  f"R² = {fit.r_squared:.2f}{zero}.")
   return lines
 
 
-def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[str, LineFit | None]) -> str:
+def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[tuple[str, str], LineFit | None]) -> str:
   """The tables of ``study.md``: recall per cell and scope, context, every policy, the gain-vs-drift fit."""
   lines = ["# Study", "", "Mean ± sample std (ddof = 1) over each cell's n runs (seeds). Final = mean over tasks k of "
            "R[T-1][k] of mean R@1 = (i2t R@1 + t2i R@1)/2, in percent; \"− re (paired)\" is the mean ± std of the "
@@ -285,7 +314,8 @@ def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[str, 
            "## Recall", "", *_recall_table(rows), "", "## Context (task-aware)", "", *_context_table(rows), "",
            "## Every policy (final, and − reindex paired)", "", *_policy_table(rows), "",
            "## Gain of not re-indexing against drift", "",
-           "Every run: g = no_reindex − reindex final mean R@1 against δ = 1 − (cos images + cos captions)/2.", "",
+           "Every run (gain_vs_drift.csv): g = no_reindex − reindex final mean R@1 against "
+           + " and ".join(PREDICTORS.values()) + ", cos = an old item's mean cosine between S_k and S_final.", "",
            *_fit_lines(fits), "", "![gain against drift](gain_vs_drift.png)", "", "## Cells", "",
            "| cell | folder | runs |", "|---|---|---|"]
   lines += [f"| {c.label} | `{c.folder}` | {', '.join(os.path.basename(r.workdir) for r in c.runs)} |" for c in cells]
@@ -296,11 +326,12 @@ def write_study(cells: Sequence[Cell], out_dir: str) -> list[str]:
   """Writes :data:`OUTPUT_NAMES` into ``out_dir`` and returns their paths."""
   rows = [row for cell in cells for row in cell_rows(cell)]
   points = drift_points(cells)
-  fits = scope_fits(points)
+  fits = drift_fits(points)
   paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
   files.atomic_write_text(paths[0], study_markdown(cells, rows, fits))
   files.atomic_write_text(paths[1], compare.csv_text(rows, CSV_COLUMNS))
   _plot_gain_vs_drift(points, fits, paths[2])
+  files.atomic_write_text(paths[3], _points_csv(points))
   return paths
 
 
@@ -308,8 +339,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the command's flags on ``flag_values`` (the command calls it once, before parsing)."""
   flags.DEFINE_list("cells", None, "Comma-separated LABEL=DIR: a sweep folder of one setting's seeded runs, or one "
                     "run's workdir.", flag_values=flag_values, required=True)
-  flags.DEFINE_string("out", None, "Folder for study.md, study.csv and gain_vs_drift.png.", flag_values=flag_values,
-                      required=True)
+  flags.DEFINE_string("out", None, "Folder for study.md, study.csv and gain_vs_drift.png/.csv.",
+                      flag_values=flag_values, required=True)
 
 
 @cli.exits_on_user_error()

@@ -70,17 +70,20 @@ def test_a_cell_averages_its_seeds_and_pairs_the_differences(cells):
   assert no["matched_cosine_i2t"] == pytest.approx(0.51)
 
 
-def test_drift_points_and_the_fitted_line(cells):
+def test_drift_points_and_the_fitted_lines(cells):
   points = study.drift_points(cells)
   assert [p.cell for p in points] == ["default"] * 3 + ["frozen"] * 2
-  assert points[0].drift == pytest.approx(0.15) and points[0].gain["task_aware"] == pytest.approx(-2.0)
-  assert points[3].drift == pytest.approx(0.02) and points[3].gain["task_agnostic"] == pytest.approx(1.0)
-  fits = study.scope_fits(points)
-  x = np.array([p.drift for p in points])
+  assert points[0].drift("mean drift") == pytest.approx(0.15) and points[0].drift("smaller drift") == pytest.approx(0.1)
+  assert points[0].gain["task_aware"] == pytest.approx(-2.0)
+  assert points[3].drift("smaller drift") == 0.0 and points[3].gain["task_agnostic"] == pytest.approx(1.0)
+  fits = study.drift_fits(points)
+  assert set(fits) == {(p, s) for p in study.PREDICTORS for s in ("task_aware", "task_agnostic")}
   y = np.array([p.gain["task_aware"] for p in points])
-  slope, intercept = np.polyfit(x, y, 1)
-  assert fits["task_aware"].slope == pytest.approx(slope) and fits["task_aware"].intercept == pytest.approx(intercept)
-  assert fits["task_aware"].n == 5 and 0.0 < fits["task_aware"].r_squared < 1.0
+  for predictor in study.PREDICTORS:
+    slope, intercept = np.polyfit([p.drift(predictor) for p in points], y, 1)
+    fit = fits[predictor, "task_aware"]
+    assert (fit.slope, fit.intercept) == pytest.approx((slope, intercept)) and fit.n == 5
+    assert 0.0 < fit.r_squared < 1.0
 
 
 def test_fit_line_recovers_an_exact_line_and_refuses_too_few_points():
@@ -97,12 +100,15 @@ def test_write_study_writes_the_tables_and_the_plot(cells, tmp_path):
   assert ("| default | task_aware | 3 | 40.00 ± 10.00 | 38.00 ± 10.54 | -2.00 ± 1.00 | "
           "`no_reindex+shift`: 39.17 ± 10.25, -0.83 ± 0.29 |") in markdown
   assert "| frozen | task_aware | 2 | 31.00 ± 1.41 | 32.25 ± 1.77 | 1.25 ± 0.35 | — |" in markdown
-  assert "task_aware: g ≈" in markdown and "over 5 runs" in markdown
+  assert "task_aware, smaller drift: g ≈" in markdown and "over 5 runs" in markdown
   with open(paths[1], newline="") as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == list(study.CSV_COLUMNS) and len(rows) == 3 * 2 + 2 * 2
   with open(paths[2], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(paths[3], newline="") as f:
+    points = list(csv.DictReader(f))
+  assert len(points) == 5 and float(points[1]["cos_images"]) == 0.7 and float(points[1]["gain_task_aware"]) == -3.0
 
 
 def test_a_single_run_is_a_cell_of_one(tmp_path):
