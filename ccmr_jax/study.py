@@ -26,7 +26,7 @@ and its ``R²``.
 
 Writes ``study.md`` (the tables), ``study.csv`` (one row per cell × scope ×
 policy, every mean and std), ``gain_vs_drift.png`` and ``gain_vs_drift.csv``
-(one row per run) into ``--out``.
+(one row per run: its cosines, gains and ``reindex`` finals) into ``--out``.
 """
 
 from __future__ import annotations
@@ -142,19 +142,24 @@ PREDICTORS = {"mean drift": "δ = 1 − (cos_images + cos_captions)/2",
 
 @dataclasses.dataclass(frozen=True)
 class DriftPoint:
-  """One run: its old items' mean cosine to the final snapshot per tower, and the gain of not re-indexing."""
+  """One run: per tower, old items' mean cosine to S_final; per scope, ``reindex``'s final and ``g``."""
 
   cell: str
   workdir: str
   cos_images: float
   cos_captions: float
   gain: dict[str, float]
+  reindex: dict[str, float]
 
   def drift(self, predictor: str) -> float:
     """The :data:`PREDICTORS` value of this run."""
     if predictor == "mean drift":
       return 1.0 - 0.5 * (self.cos_images + self.cos_captions)
     return 1.0 - max(self.cos_images, self.cos_captions)
+
+  def relative_gain(self, scope: str) -> float:
+    """``100 · g / x(reindex)``: the gain as a percentage of ``reindex``'s final recall."""
+    return 100.0 * self.gain[scope] / self.reindex[scope]
 
 
 def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
@@ -164,11 +169,12 @@ def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
     for run in cell.runs:
       drift = run.results.get("analysis_summary", {}).get("drift_to_final", {})
       cosines = [drift.get(side, {}).get("mean_cosine") for side in ("images", "captions")]
-      gains = {scope: policies[NOT_REINDEXING][HEADLINE]["final_average"]
-               - policies[REFERENCE][HEADLINE]["final_average"]
-               for scope, policies in run.scopes().items() if {NOT_REINDEXING, REFERENCE} <= set(policies)}
+      finals = {scope: {p: policies[p][HEADLINE]["final_average"] for p in (NOT_REINDEXING, REFERENCE)}
+                for scope, policies in run.scopes().items() if {NOT_REINDEXING, REFERENCE} <= set(policies)}
+      gains = {scope: final[NOT_REINDEXING] - final[REFERENCE] for scope, final in finals.items()}
       if None not in cosines and gains:
-        points.append(DriftPoint(cell.label, run.workdir, float(cosines[0]), float(cosines[1]), gains))
+        points.append(DriftPoint(cell.label, run.workdir, float(cosines[0]), float(cosines[1]), gains,
+                                 {scope: final[REFERENCE] for scope, final in finals.items()}))
   return points
 
 
@@ -194,19 +200,36 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit | None:
   return LineFit(float(intercept), float(slope), r_squared, len(x))
 
 
-def drift_fits(points: Sequence[DriftPoint]) -> dict[tuple[str, str], LineFit | None]:
-  """:func:`fit_line` of the gain against each of :data:`PREDICTORS`, in each scope: ``{(predictor, scope): fit}``."""
+def drift_fits(points: Sequence[DriftPoint],
+               fit_cells: Sequence[str] | None = None) -> dict[tuple[str, str, str], LineFit | None]:
+  """:func:`fit_line` of the gain (``"points"``, and ``"percent"`` of reindex) against each of :data:`PREDICTORS`.
+
+  Args:
+    points: the runs (:func:`drift_points`).
+    fit_cells: the cells whose runs the lines are fitted to; ``None``: every cell.
+
+  Returns:
+    ``{(predictor, scope, unit): fit}`` for every scope the points have.
+  """
+  chosen = [p for p in points if fit_cells is None or p.cell in fit_cells]
   scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
-  return {(predictor, scope): fit_line([p.drift(predictor) for p in points if scope in p.gain],
-                                       [p.gain[scope] for p in points if scope in p.gain])
-          for predictor in PREDICTORS for scope in scopes}
+  fits = {}
+  for predictor in PREDICTORS:
+    for scope in scopes:
+      mine = [p for p in chosen if scope in p.gain]
+      xs = [p.drift(predictor) for p in mine]
+      fits[predictor, scope, "points"] = fit_line(xs, [p.gain[scope] for p in mine])
+      fits[predictor, scope, "percent"] = fit_line(xs, [p.relative_gain(scope) for p in mine])
+  return fits
 
 
 def _points_csv(points: Sequence[DriftPoint]) -> str:
   scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
   rows = [{"cell": p.cell, "workdir": p.workdir, "cos_images": p.cos_images, "cos_captions": p.cos_captions,
-           **{f"gain_{scope}": p.gain.get(scope) for scope in scopes}} for p in points]
-  return compare.csv_text(rows, ("cell", "workdir", "cos_images", "cos_captions", *(f"gain_{s}" for s in scopes)))
+           **{f"gain_{scope}": p.gain.get(scope) for scope in scopes},
+           **{f"reindex_{scope}": p.reindex.get(scope) for scope in scopes}} for p in points]
+  return compare.csv_text(rows, ("cell", "workdir", "cos_images", "cos_captions",
+                                 *(f"{column}_{s}" for column in ("gain", "reindex") for s in scopes)))
 
 
 def _plot_gain_vs_drift(points: Sequence[DriftPoint], fits: dict[tuple[str, str], LineFit | None],
@@ -225,7 +248,8 @@ def _plot_gain_vs_drift(points: Sequence[DriftPoint], fits: dict[tuple[str, str]
       if fit is not None:
         xs = np.linspace(0.0, max(p.drift(predictor) for p in points), 50)
         ax.plot(xs, fit.intercept + fit.slope * xs, "k--", lw=1)
-        ax.set_title(f"{scope}: g = {fit.intercept:.1f} {fit.slope:+.1f} x, R² {fit.r_squared:.2f}", fontsize=9)
+        ax.set_title(f"{scope}: g = {fit.intercept:.1f} {fit.slope:+.1f} x, R² {fit.r_squared:.2f} ({fit.n} runs)",
+                     fontsize=9)
       ax.axhline(0.0, color="grey", lw=0.8)
       ax.set_xlabel("x: " + PREDICTORS[predictor], fontsize=8)
       ax.grid(alpha=0.3)
@@ -292,20 +316,36 @@ def _policy_table(rows: Sequence[dict]) -> list[str]:
   return lines
 
 
-def _fit_lines(fits: dict[tuple[str, str], LineFit | None]) -> list[str]:
+def _fit_lines(fits: dict[tuple[str, str, str], LineFit | None]) -> list[str]:
   lines = []
-  for (predictor, scope), fit in fits.items():
+  for (predictor, scope, unit), fit in fits.items():
     x = PREDICTORS[predictor].split(" = ")[0]
+    y = "g" if unit == "points" else "100 g / reindex"
     if fit is None:
-      lines.append(f"- {scope}, {predictor}: too few runs (or one drift value) to fit a line.")
+      lines.append(f"- {scope}, {predictor}, {y}: too few runs (or one drift value) to fit a line.")
       continue
-    zero = f"; g = 0 at {x} = {-fit.intercept / fit.slope:.3f}" if fit.slope else ""
-    lines.append(f"- {scope}, {predictor}: g ≈ {fit.intercept:.2f} {fit.slope:+.2f} · {x} over {fit.n} runs, "
-                 f"R² = {fit.r_squared:.2f}{zero}.")
+    lines.append(f"- {scope}, {predictor}: {y} ≈ {fit.intercept:.2f} {fit.slope:+.2f} · {x} over {fit.n} runs, "
+                 f"R² = {fit.r_squared:.2f}.")
   return lines
 
 
-def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[tuple[str, str], LineFit | None]) -> str:
+def _gain_table(points: Sequence[DriftPoint]) -> list[str]:
+  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  lines = ["| cell | n | δ | δ_min | " + " | ".join(f"g {s} | 100 g / reindex {s}" for s in scopes) + " |",
+           "|---|---:|---:|---:|" + "---:|---:|" * len(scopes)]
+  for cell in dict.fromkeys(p.cell for p in points):
+    mine = [p for p in points if p.cell == cell]
+    cells = [_mean_std([p.drift(predictor) for p in mine]) for predictor in PREDICTORS]
+    for scope in scopes:
+      cells += [_mean_std([p.gain.get(scope) for p in mine]), _mean_std([p.relative_gain(scope) if scope in p.gain
+                                                                         else None for p in mine])]
+    text = ["—" if mean is None else f"{mean:.2f} ± {std:.2f}" for mean, std in cells]
+    lines.append(f"| {cell} | {len(mine)} | " + " | ".join(text) + " |")
+  return lines
+
+
+def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], points: Sequence[DriftPoint],
+                   fits: dict[tuple[str, str, str], LineFit | None], fit_cells: Sequence[str] | None) -> str:
   """The tables of ``study.md``: recall per cell and scope, context, every policy, the gain-vs-drift fit."""
   lines = ["# Study", "", "Mean ± sample std (ddof = 1) over each cell's n runs (seeds). Final = mean over tasks k of "
            "R[T-1][k] of mean R@1 = (i2t R@1 + t2i R@1)/2, in percent; \"− re (paired)\" is the mean ± std of the "
@@ -316,21 +356,36 @@ def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], fits: dict[tuple
            "## Gain of not re-indexing against drift", "",
            "Every run (gain_vs_drift.csv): g = no_reindex − reindex final mean R@1 against "
            + " and ".join(PREDICTORS.values()) + ", cos = an old item's mean cosine between S_k and S_final.", "",
-           *_fit_lines(fits), "", "![gain against drift](gain_vs_drift.png)", "", "## Cells", "",
+           *_gain_table(points), "",
+           "Least-squares lines over " + ("every run" if fit_cells is None else "the runs of " + ", ".join(fit_cells))
+           + ":", "", *_fit_lines(fits), "", "![gain against drift](gain_vs_drift.png)", "", "## Cells", "",
            "| cell | folder | runs |", "|---|---|---|"]
   lines += [f"| {c.label} | `{c.folder}` | {', '.join(os.path.basename(r.workdir) for r in c.runs)} |" for c in cells]
   return "\n".join(lines) + "\n"
 
 
-def write_study(cells: Sequence[Cell], out_dir: str) -> list[str]:
-  """Writes :data:`OUTPUT_NAMES` into ``out_dir`` and returns their paths."""
+def write_study(cells: Sequence[Cell], out_dir: str, fit_cells: Sequence[str] | None = None) -> list[str]:
+  """Writes :data:`OUTPUT_NAMES` into ``out_dir`` and returns their paths.
+
+  Args:
+    cells: the loaded cells (:func:`load_cells`).
+    out_dir: the folder to write; created if needed.
+    fit_cells: labels of the cells the gain-against-drift lines are fitted to (``None``: all).
+
+  Raises:
+    StudyError: ``fit_cells`` names a cell that is not among ``cells``.
+  """
+  unknown = sorted(set(fit_cells or ()) - {cell.label for cell in cells})
+  if unknown:
+    raise StudyError(f"--fit_cells names {unknown}, which are not cells; the cells are "
+                     f"{[cell.label for cell in cells]}")
   rows = [row for cell in cells for row in cell_rows(cell)]
   points = drift_points(cells)
-  fits = drift_fits(points)
+  fits = drift_fits(points, fit_cells)
   paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
-  files.atomic_write_text(paths[0], study_markdown(cells, rows, fits))
+  files.atomic_write_text(paths[0], study_markdown(cells, rows, points, fits, fit_cells))
   files.atomic_write_text(paths[1], compare.csv_text(rows, CSV_COLUMNS))
-  _plot_gain_vs_drift(points, fits, paths[2])
+  _plot_gain_vs_drift(points, {key[:2]: fit for key, fit in fits.items() if key[2] == "points"}, paths[2])
   files.atomic_write_text(paths[3], _points_csv(points))
   return paths
 
@@ -341,6 +396,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "run's workdir.", flag_values=flag_values, required=True)
   flags.DEFINE_string("out", None, "Folder for study.md, study.csv and gain_vs_drift.png/.csv.",
                       flag_values=flag_values, required=True)
+  flags.DEFINE_list("fit_cells", None, "Labels of the cells whose runs the gain-against-drift lines are fitted "
+                    "to (default: every cell); every run is still plotted and tabled.", flag_values=flag_values)
 
 
 @cli.exits_on_user_error()
@@ -350,7 +407,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   cells = load_cells(flag_values["cells"].value)
   out = flag_values["out"].value
   try:
-    paths = write_study(cells, out)
+    paths = write_study(cells, out, flag_values["fit_cells"].value)
   except OSError as e:
     raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
   print("wrote:\n  " + "\n  ".join(paths))

@@ -77,13 +77,21 @@ def test_drift_points_and_the_fitted_lines(cells):
   assert points[0].gain["task_aware"] == pytest.approx(-2.0)
   assert points[3].drift("smaller drift") == 0.0 and points[3].gain["task_agnostic"] == pytest.approx(1.0)
   fits = study.drift_fits(points)
-  assert set(fits) == {(p, s) for p in study.PREDICTORS for s in ("task_aware", "task_agnostic")}
+  assert set(fits) == {(p, s, u) for p in study.PREDICTORS for s in ("task_aware", "task_agnostic")
+                       for u in ("points", "percent")}
   y = np.array([p.gain["task_aware"] for p in points])
+  relative = 100 * y / np.array([p.reindex["task_aware"] for p in points])
+  assert points[0].relative_gain("task_aware") == pytest.approx(100 * -2.0 / 30.0)
   for predictor in study.PREDICTORS:
-    slope, intercept = np.polyfit([p.drift(predictor) for p in points], y, 1)
-    fit = fits[predictor, "task_aware"]
-    assert (fit.slope, fit.intercept) == pytest.approx((slope, intercept)) and fit.n == 5
-    assert 0.0 < fit.r_squared < 1.0
+    x = [p.drift(predictor) for p in points]
+    for unit, values in (("points", y), ("percent", relative)):
+      slope, intercept = np.polyfit(x, values, 1)
+      fit = fits[predictor, "task_aware", unit]
+      assert (fit.slope, fit.intercept) == pytest.approx((slope, intercept)) and fit.n == 5
+      assert 0.0 < fit.r_squared < 1.0
+  only_default = study.drift_fits(points, fit_cells=["default"])["mean drift", "task_aware", "points"]
+  slope, intercept = np.polyfit([p.drift("mean drift") for p in points[:3]], y[:3], 1)
+  assert only_default.n == 3 and (only_default.slope, only_default.intercept) == pytest.approx((slope, intercept))
 
 
 def test_fit_line_recovers_an_exact_line_and_refuses_too_few_points():
@@ -100,7 +108,10 @@ def test_write_study_writes_the_tables_and_the_plot(cells, tmp_path):
   assert ("| default | task_aware | 3 | 40.00 ± 10.00 | 38.00 ± 10.54 | -2.00 ± 1.00 | "
           "`no_reindex+shift`: 39.17 ± 10.25, -0.83 ± 0.29 |") in markdown
   assert "| frozen | task_aware | 2 | 31.00 ± 1.41 | 32.25 ± 1.77 | 1.25 ± 0.35 | — |" in markdown
-  assert "task_aware, smaller drift: g ≈" in markdown and "over 5 runs" in markdown
+  assert "- task_aware, smaller drift: g ≈" in markdown and "over 5 runs" in markdown
+  # δ, δ_min, then g and 100 g / reindex per scope (task-agnostic finals are all 1 lower)
+  assert ("| frozen | 2 | 0.02 ± 0.01 | 0.00 ± 0.00 | 1.25 ± 0.35 | 4.01 ± 0.96 | 1.25 ± 0.35 | 4.14 ± 0.98 |"
+          in markdown)
   with open(paths[1], newline="") as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == list(study.CSV_COLUMNS) and len(rows) == 3 * 2 + 2 * 2
@@ -109,6 +120,15 @@ def test_write_study_writes_the_tables_and_the_plot(cells, tmp_path):
   with open(paths[3], newline="") as f:
     points = list(csv.DictReader(f))
   assert len(points) == 5 and float(points[1]["cos_images"]) == 0.7 and float(points[1]["gain_task_aware"]) == -3.0
+  assert float(points[1]["reindex_task_agnostic"]) == 39.0
+
+
+def test_fit_cells_must_be_cells(cells, tmp_path):
+  with pytest.raises(study.StudyError, match=r"--fit_cells names \['nope'\]"):
+    study.write_study(cells, str(tmp_path / "out"), fit_cells=["default", "nope"])
+  assert not (tmp_path / "out").exists()
+  paths = study.write_study(cells, str(tmp_path / "out"), fit_cells=["default"])
+  assert "over the runs of default:" in open(paths[0]).read()
 
 
 def test_a_single_run_is_a_cell_of_one(tmp_path):
