@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Sequence
 
 import numpy as np
 from absl import app, flags
+from flax import traverse_util
 
 from ccmr_jax import cli, compare, files, study
 from ccmr_jax.metrics import HEADLINE
@@ -53,13 +53,9 @@ class Setting:
   criterion: float
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-  return out
+def _continual_values(setting: Setting) -> dict:
+  """``{"section.field": value}`` of the setting's ``config.continual``."""
+  return traverse_util.flatten_dict(setting.runs[0].results["config"].get("continual", {}), sep=".")
 
 
 def _final(run: compare.Run, policy: str) -> float:
@@ -80,7 +76,7 @@ def settings(runs: Sequence[compare.Run], policies: Sequence[str] = DEFAULT_POLI
                         "(python -m ccmr_jax.sweep ... --eval_split=val, or ccmr_jax.reevaluate --split=val)")
   groups: dict[str, list[compare.Run]] = {}
   for run in runs:
-    groups.setdefault(re.sub(r"_seed=\d+$", "", os.path.basename(os.path.normpath(run.workdir))), []).append(run)
+    groups.setdefault(compare.group_label(run), []).append(run)
   out = []
   for name, members in groups.items():
     strategies = {run.strategy for run in members}
@@ -97,9 +93,9 @@ def choose(found: Sequence[Setting]) -> dict[str, dict]:
   for strategy in dict.fromkeys(s.strategy for s in found):
     mine = [s for s in found if s.strategy == strategy]
     best = max(mine, key=lambda s: s.criterion)
-    continual = [_flatten(s.runs[0].results["config"].get("continual", {})) for s in mine]
+    continual = [_continual_values(s) for s in mine]
     differing = sorted(key for key in continual[0] if any(c.get(key) != continual[0][key] for c in continual))
-    values = _flatten(best.runs[0].results["config"].get("continual", {}))
+    values = _continual_values(best)
     chosen[strategy] = {"setting": best.name, "criterion": best.criterion,
                         "runs": [os.path.basename(os.path.normpath(r.workdir)) for r in best.runs],
                         "overrides": {f"continual.{key}": values[key] for key in differing}}
@@ -146,12 +142,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = flag_values["out"].value
-  try:
-    paths = write_choice(flag_values["workdir"].value, out, flag_values["policies"].value)
-  except OSError as e:
-    raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
-  print("wrote:\n  " + "\n  ".join(paths))
+  cli.write_outputs(lambda out: write_choice(flag_values["workdir"].value, out, flag_values["policies"].value),
+                    flag_values["out"].value)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,19 @@ def configure_logging() -> None:
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname or record.levelno >= 30)
 
 
+def write_outputs(write: Callable[[str], Sequence[str]], out: str) -> None:
+  """Runs ``write(out)`` (a command's writer into folder ``out``) and prints the paths it returns.
+
+  Raises:
+    UserError: a file could not be written; the message names ``--out``.
+  """
+  try:
+    paths = write(out)
+  except OSError as e:
+    raise UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
+  print("wrote:\n  " + "\n  ".join(paths))
+
+
 def exits_on_user_error(*error_types: type[Exception]) -> Callable:
   """Decorates a command's ``main(argv)``: a :class:`UserError`, a usage error or one of ``error_types`` exits 2.
 

@@ -216,9 +216,18 @@ def replicate_key(results: dict) -> str:
   return json.dumps(config, sort_keys=True)
 
 
-def _group_label(run: Run) -> str:
+def group_label(run: Run) -> str:
+  """The run's folder name without its ``_seed=N`` suffix (its strategy if nothing is left)."""
   name = os.path.basename(os.path.normpath(run.workdir))
   return re.sub(r"_seed=\d+$", "", name) or run.strategy
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+  """Mean and sample std (``ddof = 1``; 0 for one value) of ``values``; ``(None, None)`` if any is ``None``."""
+  if any(v is None for v in values):
+    return None, None
+  array = np.asarray(values, np.float64)
+  return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else 0.0)
 
 
 def aggregate_rows(runs: Sequence[Run], rows: Sequence[dict]) -> list[dict]:
@@ -233,7 +242,7 @@ def aggregate_rows(runs: Sequence[Run], rows: Sequence[dict]) -> list[dict]:
   first = {}
   for run in runs:
     first.setdefault(keys[run.workdir], run)
-  labels = {key: _group_label(run) for key, run in first.items()}
+  labels = {key: group_label(run) for key, run in first.items()}
   if len(set(labels.values())) < len(labels):  # groups of the same name: add the folder each one lives in
     labels = {key: f"{os.path.basename(os.path.dirname(os.path.normpath(run.workdir)))}/{labels[key]}"
               for key, run in first.items()}
@@ -244,10 +253,7 @@ def aggregate_rows(runs: Sequence[Run], rows: Sequence[dict]) -> list[dict]:
   for (key, scope, policy), members in grouped.items():
     row = {"group": labels[key], "policy": policy, "scope": scope, "n": len(members)}
     for column in NUMERIC_COLUMNS:
-      values = [m[column] for m in members]
-      known = None if any(v is None for v in values) else np.asarray(values, np.float64)
-      row[column] = None if known is None else float(known.mean())
-      row[f"{column}_std"] = None if known is None else (float(known.std(ddof=1)) if len(known) > 1 else 0.0)
+      row[column], row[f"{column}_std"] = mean_std([m[column] for m in members])
     out.append(row)
   return out
 
@@ -381,12 +387,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = flag_values["out"].value
-  try:
-    paths = write_comparison(load_runs(flag_values["workdirs"].value), out)
-  except OSError as e:
-    raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
-  print("wrote:\n  " + "\n  ".join(paths))
+  runs = load_runs(flag_values["workdirs"].value)
+  cli.write_outputs(lambda out: write_comparison(runs, out), flag_values["out"].value)
 
 
 if __name__ == "__main__":

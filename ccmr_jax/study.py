@@ -102,13 +102,6 @@ def load_cells(specs: Sequence[str]) -> list[Cell]:
     raise StudyError(str(e)) from e
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-  if any(v is None for v in values):
-    return None, None
-  array = np.asarray(values, np.float64)
-  return float(array.mean()), (float(array.std(ddof=1)) if len(array) > 1 else 0.0)
-
-
 def _shared_keys(cell: Cell, rows: Sequence[dict]) -> list[tuple[str, str]]:
   """The (scope, policy) pairs every run of the cell has, in the first run's order."""
   per_run = [{(r["scope"], r["policy"]) for r in rows if r["workdir"] == run.workdir} for run in cell.runs]
@@ -126,10 +119,10 @@ def cell_rows(cell: Cell) -> list[dict]:
     members = [by_key[w, scope, policy] for w in workdirs]
     row = {"cell": cell.label, "scope": scope, "policy": policy, "n": len(members)}
     for column in CELL_COLUMNS:
-      row[column], row[f"{column}_std"] = _mean_std([m[column] for m in members])
+      row[column], row[f"{column}_std"] = compare.mean_std([m[column] for m in members])
     references = [by_key.get((w, scope, REFERENCE)) for w in workdirs]
     differences = [None if ref is None else m[HEADLINE] - ref[HEADLINE] for m, ref in zip(members, references)]
-    row["minus_reindex"], row["minus_reindex_std"] = _mean_std(differences)
+    row["minus_reindex"], row["minus_reindex_std"] = compare.mean_std(differences)
     out.append(row)
   return out
 
@@ -335,10 +328,10 @@ def _gain_table(points: Sequence[DriftPoint]) -> list[str]:
            "|---|---:|---:|---:|" + "---:|---:|" * len(scopes)]
   for cell in dict.fromkeys(p.cell for p in points):
     mine = [p for p in points if p.cell == cell]
-    cells = [_mean_std([p.drift(predictor) for p in mine]) for predictor in PREDICTORS]
+    cells = [compare.mean_std([p.drift(predictor) for p in mine]) for predictor in PREDICTORS]
     for scope in scopes:
-      cells += [_mean_std([p.gain.get(scope) for p in mine]), _mean_std([p.relative_gain(scope) if scope in p.gain
-                                                                         else None for p in mine])]
+      relative = [p.relative_gain(scope) if scope in p.gain else None for p in mine]
+      cells += [compare.mean_std([p.gain.get(scope) for p in mine]), compare.mean_std(relative)]
     text = ["—" if mean is None else f"{mean:.2f} ± {std:.2f}" for mean, std in cells]
     lines.append(f"| {cell} | {len(mine)} | " + " | ".join(text) + " |")
   return lines
@@ -405,12 +398,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cells = load_cells(flag_values["cells"].value)
-  out = flag_values["out"].value
-  try:
-    paths = write_study(cells, out, flag_values["fit_cells"].value)
-  except OSError as e:
-    raise cli.UserError(f"cannot write to --out={out}: {e.strerror or e}") from e
-  print("wrote:\n  " + "\n  ".join(paths))
+  cli.write_outputs(lambda out: write_study(cells, out, flag_values["fit_cells"].value), flag_values["out"].value)
 
 
 if __name__ == "__main__":

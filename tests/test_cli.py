@@ -7,7 +7,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("main", "reevaluate", "sweep", "compare", "pretrain", "verify", "search", "data.prepare")
+COMMANDS = ("main", "reevaluate", "sweep", "compare", "study", "choose", "pretrain", "verify", "search",
+            "data.prepare")
 
 
 def _command(module: str, *args: str) -> subprocess.CompletedProcess:

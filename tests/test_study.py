@@ -161,3 +161,8 @@ def test_the_command_exits_2_on_a_malformed_run(tmp_path, cells):
   ok = subprocess.run([sys.executable, "-m", "ccmr_jax.study", f"--cells=d={tmp_path / 'default'}",
                        f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert ok.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == sorted(study.OUTPUT_NAMES), ok.stderr
+  (tmp_path / "a_file").write_text("")
+  unwritable = subprocess.run([sys.executable, "-m", "ccmr_jax.study", f"--cells=d={tmp_path / 'default'}",
+                               f"--out={tmp_path / 'a_file' / 'out'}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+  assert unwritable.returncode == 2 and f"cannot write to --out={tmp_path / 'a_file' / 'out'}" in unwritable.stderr
