@@ -171,6 +171,11 @@ def drift_points(cells: Sequence[Cell]) -> list[DriftPoint]:
   return points
 
 
+def _scopes(points: Sequence[DriftPoint]) -> list[str]:
+  """The scopes any point has a gain in, in first-seen order."""
+  return list(dict.fromkeys(scope for p in points for scope in p.gain))
+
+
 @dataclasses.dataclass(frozen=True)
 class LineFit:
   """``g ≈ intercept + slope · δ`` by least squares over ``n`` runs, with its coefficient of determination."""
@@ -205,7 +210,7 @@ def drift_fits(points: Sequence[DriftPoint],
     ``{(predictor, scope, unit): fit}`` for every scope the points have.
   """
   chosen = [p for p in points if fit_cells is None or p.cell in fit_cells]
-  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  scopes = _scopes(points)
   fits = {}
   for predictor in PREDICTORS:
     for scope in scopes:
@@ -217,7 +222,7 @@ def drift_fits(points: Sequence[DriftPoint],
 
 
 def _points_csv(points: Sequence[DriftPoint]) -> str:
-  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  scopes = _scopes(points)
   rows = [{"cell": p.cell, "workdir": p.workdir, "cos_images": p.cos_images, "cos_captions": p.cos_captions,
            **{f"gain_{scope}": p.gain.get(scope) for scope in scopes},
            **{f"reindex_{scope}": p.reindex.get(scope) for scope in scopes}} for p in points]
@@ -265,13 +270,18 @@ def _best_compensation(rows: Sequence[dict]) -> dict | None:
   return max(others, key=lambda r: r[HEADLINE]) if others else None
 
 
+def _by_cell_and_scope(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+  """``{(cell, scope): {policy: row}}``, in the rows' order."""
+  groups: dict[tuple[str, str], dict[str, dict]] = {}
+  for row in rows:
+    groups.setdefault((row["cell"], row["scope"]), {})[row["policy"]] = row
+  return groups
+
+
 def _recall_table(rows: Sequence[dict]) -> list[str]:
   lines = ["| cell | scope | n | reindex final | no_reindex final | no − re (paired) | best compensation: final, − re "
            "(paired) | reindex forgetting | no_reindex forgetting |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
-  groups = {}
-  for row in rows:
-    groups.setdefault((row["cell"], row["scope"]), {})[row["policy"]] = row
-  for (cell, scope), by_policy in groups.items():
+  for (cell, scope), by_policy in _by_cell_and_scope(rows).items():
     re, no = by_policy.get(REFERENCE), by_policy.get(NOT_REINDEXING)
     best = _best_compensation(list(by_policy.values()))
     best_text = "—" if best is None else (f"`{best['policy']}`: {_cell(best, HEADLINE)}, "
@@ -299,10 +309,7 @@ def _policy_table(rows: Sequence[dict]) -> list[str]:
   policies = list(dict.fromkeys(r["policy"] for r in rows))
   lines = ["| cell | scope | " + " | ".join(f"`{p}`" for p in policies) + " |",
            "|---|---|" + "---:|" * len(policies)]
-  groups = {}
-  for row in rows:
-    groups.setdefault((row["cell"], row["scope"]), {})[row["policy"]] = row
-  for (cell, scope), by_policy in groups.items():
+  for (cell, scope), by_policy in _by_cell_and_scope(rows).items():
     cells = [_cell(by_policy.get(p), HEADLINE) + ("" if p == REFERENCE or p not in by_policy else
                                                   f" ({_cell(by_policy[p], 'minus_reindex')})") for p in policies]
     lines.append(f"| {cell} | {scope} | " + " | ".join(cells) + " |")
@@ -323,7 +330,7 @@ def _fit_lines(fits: dict[tuple[str, str, str], LineFit | None]) -> list[str]:
 
 
 def _gain_table(points: Sequence[DriftPoint]) -> list[str]:
-  scopes = list(dict.fromkeys(scope for p in points for scope in p.gain))
+  scopes = _scopes(points)
   lines = ["| cell | n | δ | δ_min | " + " | ".join(f"g {s} | 100 g / reindex {s}" for s in scopes) + " |",
            "|---|---:|---:|---:|" + "---:|---:|" * len(scopes)]
   for cell in dict.fromkeys(p.cell for p in points):
