@@ -24,6 +24,13 @@ and the less-moved tower's ``δ_min = 1 − max(cos_images, cos_captions)``
 (0 when a tower is frozen), each with the least-squares line ``g ≈ a + b x``
 and its ``R²``.
 
+With ``--baseline=LABEL`` (e.g. the ``finetune`` cell of a strategy table),
+every other cell's finals are also set against that cell's, paired by seed:
+``b_s = x_s(cell) − x_s(baseline)`` for each seed ``s`` both cells ran, then
+the mean ± std of ``b``. A difference is called a *gain* (or a *loss*) only
+where ``|mean b|`` exceeds both cells' standard deviations over seeds, and
+only with at least two seeds on each side; otherwise it is *within spread*.
+
 Writes ``study.md`` (the tables), ``study.csv`` (one row per cell × scope ×
 policy, every mean and std), ``gain_vs_drift.png`` and ``gain_vs_drift.csv``
 (one row per run: its cosines, gains and ``reindex`` finals) into ``--out``.
@@ -49,6 +56,7 @@ CELL_COLUMNS = (HEADLINE, "forgetting_mean_r1", "zero_shot_mean_r1", "diagonal_m
                 "drift_captions", "matched_cosine_i2t")
 CSV_COLUMNS = ("cell", "scope", "policy", "n",
                *(name for column in (*CELL_COLUMNS, "minus_reindex") for name in (column, f"{column}_std")))
+BASELINE_COLUMNS = ("minus_baseline", "minus_baseline_std", "versus_baseline")
 OUTPUT_NAMES = ("study.md", "study.csv", "gain_vs_drift.png", "gain_vs_drift.csv")
 
 
@@ -124,6 +132,63 @@ def cell_rows(cell: Cell) -> list[dict]:
     differences = [None if ref is None else m[HEADLINE] - ref[HEADLINE] for m, ref in zip(members, references)]
     row["minus_reindex"], row["minus_reindex_std"] = compare.mean_std(differences)
     out.append(row)
+  return out
+
+
+def _finals_by_seed(cell: Cell) -> dict[tuple[str, str], dict[int, float]]:
+  """``{(scope, policy): {seed: final}}`` of the cell's runs; refuses a run without a seed and a seed run twice."""
+  finals: dict[tuple[str, str], dict[int, float]] = {}
+  seeds = set()
+  for run in cell.runs:
+    seed = run.results["config"].get("seed")
+    if seed is None or seed in seeds:
+      problem = "has no config.seed" if seed is None else f"repeats seed {seed}"
+      raise StudyError(f"run {run.workdir} of cell {cell.label!r} {problem}; --baseline pairs the runs of two "
+                       "cells by seed, so each cell needs one run per seed")
+    seeds.add(seed)
+    for scope, policies in run.scopes().items():
+      for policy, summary in policies.items():
+        finals.setdefault((scope, policy), {})[seed] = summary[HEADLINE]["final_average"]
+  return finals
+
+
+def verdict(difference: float, cell_std: float, baseline_std: float, n_cell: int, n_baseline: int) -> str:
+  """``gain``/``loss`` where ``|difference|`` exceeds both stds over ≥ 2 seeds each, else ``within spread``."""
+  if min(n_cell, n_baseline) < 2:
+    return "one seed: no verdict"
+  if abs(difference) <= max(cell_std, baseline_std):
+    return "within spread"
+  return "gain" if difference > 0 else "loss"
+
+
+def add_baseline_columns(cells: Sequence[Cell], rows: Sequence[dict], baseline: str) -> list[dict]:
+  """``rows`` (:func:`cell_rows`) with :data:`BASELINE_COLUMNS`: each row's paired difference to ``baseline``.
+
+  The baseline's own rows, and (scope, policy) pairs the baseline lacks or shares no seed with, get ``None``
+  and an empty verdict.
+
+  Raises:
+    StudyError: ``baseline`` is not a cell, or a run has no seed or repeats one.
+  """
+  by_label = {cell.label: cell for cell in cells}
+  if baseline not in by_label:
+    raise StudyError(f"--baseline names {baseline!r}, which is not a cell; the cells are {list(by_label)}")
+  reference = _finals_by_seed(by_label[baseline])
+  finals = {cell.label: _finals_by_seed(cell) for cell in cells}
+  base_rows = {(r["scope"], r["policy"]): r for r in rows if r["cell"] == baseline}
+  out = []
+  for row in rows:
+    key = (row["scope"], row["policy"])
+    mine, theirs = finals[row["cell"]].get(key, {}), reference.get(key, {})
+    seeds = sorted(set(mine) & set(theirs))
+    added = dict.fromkeys(BASELINE_COLUMNS, None) | {"versus_baseline": ""}
+    base = base_rows.get(key)
+    if row["cell"] != baseline and seeds and base is not None:
+      mean, std = compare.mean_std([mine[s] - theirs[s] for s in seeds])
+      added = {"minus_baseline": mean, "minus_baseline_std": std,
+               "versus_baseline": verdict(mean, row[f"{HEADLINE}_std"], base[f"{HEADLINE}_std"], row["n"],
+                                          base["n"])}
+    out.append(row | added)
   return out
 
 
@@ -316,6 +381,23 @@ def _policy_table(rows: Sequence[dict]) -> list[str]:
   return lines
 
 
+def _baseline_table(rows: Sequence[dict], baseline: str) -> list[str]:
+  policies = (REFERENCE, NOT_REINDEXING)
+  lines = ["| cell | scope | n | " + " | ".join(f"{p} final | − {baseline} (paired) | verdict" for p in policies)
+           + " |", "|---|---|---:|" + "---:|---:|---|" * len(policies)]
+  for (cell, scope), by_policy in _by_cell_and_scope(rows).items():
+    if cell == baseline:
+      continue
+    cells = []
+    for policy in policies:
+      row = by_policy.get(policy)
+      paired = "—" if row is None or row["minus_baseline"] is None else _cell(row, "minus_baseline")
+      cells += [_cell(row, HEADLINE), paired, "" if row is None else row["versus_baseline"]]
+    n = next(iter(by_policy.values()))["n"]
+    lines.append(f"| {cell} | {scope} | {n} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def _fit_lines(fits: dict[tuple[str, str, str], LineFit | None]) -> list[str]:
   lines = []
   for (predictor, scope, unit), fit in fits.items():
@@ -344,14 +426,25 @@ def _gain_table(points: Sequence[DriftPoint]) -> list[str]:
   return lines
 
 
+def _baseline_section(rows: Sequence[dict], baseline: str | None) -> list[str]:
+  if baseline is None:
+    return []
+  return [f"## Against `{baseline}` (paired by seed)", "",
+          f"− {baseline} (paired) = mean ± std over the seeds both cells ran of the per-seed difference of finals. "
+          "A gain or a loss only where it exceeds both cells' stds over seeds (≥ 2 seeds each).", "",
+          *_baseline_table(rows, baseline), ""]
+
+
 def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], points: Sequence[DriftPoint],
-                   fits: dict[tuple[str, str, str], LineFit | None], fit_cells: Sequence[str] | None) -> str:
-  """The tables of ``study.md``: recall per cell and scope, context, every policy, the gain-vs-drift fit."""
+                   fits: dict[tuple[str, str, str], LineFit | None], fit_cells: Sequence[str] | None,
+                   baseline: str | None = None) -> str:
+  """The tables of ``study.md``: recall per cell and scope, against the baseline, context, every policy, the fit."""
   lines = ["# Study", "", "Mean ± sample std (ddof = 1) over each cell's n runs (seeds). Final = mean over tasks k of "
            "R[T-1][k] of mean R@1 = (i2t R@1 + t2i R@1)/2, in percent; \"− re (paired)\" is the mean ± std of the "
            "per-run difference to reindex. Drift = mean cosine of an old item's S_k and S_final vectors; "
            "matched cosine = S_final image query to its own caption in the searched gallery.", "",
-           "## Recall", "", *_recall_table(rows), "", "## Context (task-aware)", "", *_context_table(rows), "",
+           "## Recall", "", *_recall_table(rows), "", *_baseline_section(rows, baseline),
+           "## Context (task-aware)", "", *_context_table(rows), "",
            "## Every policy (final, and − reindex paired)", "", *_policy_table(rows), "",
            "## Gain of not re-indexing against drift", "",
            "Every run (gain_vs_drift.csv): g = no_reindex − reindex final mean R@1 against "
@@ -364,27 +457,32 @@ def study_markdown(cells: Sequence[Cell], rows: Sequence[dict], points: Sequence
   return "\n".join(lines) + "\n"
 
 
-def write_study(cells: Sequence[Cell], out_dir: str, fit_cells: Sequence[str] | None = None) -> list[str]:
+def write_study(cells: Sequence[Cell], out_dir: str, fit_cells: Sequence[str] | None = None,
+                baseline: str | None = None) -> list[str]:
   """Writes :data:`OUTPUT_NAMES` into ``out_dir`` and returns their paths.
 
   Args:
     cells: the loaded cells (:func:`load_cells`).
     out_dir: the folder to write; created if needed.
     fit_cells: labels of the cells the gain-against-drift lines are fitted to (``None``: all).
+    baseline: label of the cell the others are set against (:func:`add_baseline_columns`); ``None``: none.
 
   Raises:
-    StudyError: ``fit_cells`` names a cell that is not among ``cells``.
+    StudyError: ``fit_cells`` or ``baseline`` names a cell that is not among ``cells``.
   """
   unknown = sorted(set(fit_cells or ()) - {cell.label for cell in cells})
   if unknown:
     raise StudyError(f"--fit_cells names {unknown}, which are not cells; the cells are "
                      f"{[cell.label for cell in cells]}")
   rows = [row for cell in cells for row in cell_rows(cell)]
+  columns = CSV_COLUMNS
+  if baseline is not None:
+    rows, columns = add_baseline_columns(cells, rows, baseline), CSV_COLUMNS + BASELINE_COLUMNS
   points = drift_points(cells)
   fits = drift_fits(points, fit_cells)
   paths = [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
-  files.atomic_write_text(paths[0], study_markdown(cells, rows, points, fits, fit_cells))
-  files.atomic_write_text(paths[1], compare.csv_text(rows, CSV_COLUMNS))
+  files.atomic_write_text(paths[0], study_markdown(cells, rows, points, fits, fit_cells, baseline))
+  files.atomic_write_text(paths[1], compare.csv_text(rows, columns))
   _plot_gain_vs_drift(points, {key[:2]: fit for key, fit in fits.items() if key[2] == "points"}, paths[2])
   files.atomic_write_text(paths[3], _points_csv(points))
   return paths
@@ -398,6 +496,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=flag_values, required=True)
   flags.DEFINE_list("fit_cells", None, "Labels of the cells whose runs the gain-against-drift lines are fitted "
                     "to (default: every cell); every run is still plotted and tabled.", flag_values=flag_values)
+  flags.DEFINE_string("baseline", None, "Label of the cell every other cell is set against, paired by seed "
+                      "(e.g. finetune in a strategy table); default: none.", flag_values=flag_values)
 
 
 @cli.exits_on_user_error()
@@ -405,7 +505,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cells = load_cells(flag_values["cells"].value)
-  cli.write_outputs(lambda out: write_study(cells, out, flag_values["fit_cells"].value), flag_values["out"].value)
+  fit_cells, baseline = flag_values["fit_cells"].value, flag_values["baseline"].value
+  cli.write_outputs(lambda out: write_study(cells, out, fit_cells, baseline), flag_values["out"].value)
 
 
 if __name__ == "__main__":

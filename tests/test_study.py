@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = metrics.metric_names((1, 5, 10))
 
 
-def _results(final_row, drift=(0.8, 0.9)):
+def _results(final_row, drift=(0.8, 0.9), seed=0):
   """Two tasks; every metric of policy p after task 1 is ``final_row[p]`` on both tasks (so its final average).
 
   After task 0 every metric is 50. ``drift`` gives the images' and captions' mean cosine to the final snapshot.
@@ -26,7 +26,7 @@ def _results(final_row, drift=(0.8, 0.9)):
     agnostic = {p: {k: {m: v - 1.0 for m, v in per.items()} for k, per in tasks.items()}
                 for p, tasks in aware.items()}
     evaluations.append({"task_aware": aware, "task_agnostic": agnostic})
-  run_info = {"config": {"data": {"source": "scenes"}, "train": {"strategy": "finetune"}},
+  run_info = {"config": {"seed": seed, "data": {"source": "scenes"}, "train": {"strategy": "finetune"}},
               "tasks": [{"index": k, "name": f"t{k}", "categories": [], "counts": {}} for k in range(2)]}
   results = report.build_results(evaluations, METRICS, run_info)
   results["analysis_summary"] = {
@@ -38,7 +38,8 @@ def _results(final_row, drift=(0.8, 0.9)):
 def _write_cell(folder, finals, drifts):
   """A sweep folder with one run per seed: ``finals[s]`` = {policy: final}, ``drifts[s]`` = (images, captions)."""
   for seed, (final_row, drift) in enumerate(zip(finals, drifts)):
-    manifest.write_json(os.path.join(folder, f"finetune_seed={seed}", "results.json"), _results(final_row, drift))
+    results = _results(final_row, drift, seed)
+    manifest.write_json(os.path.join(folder, f"finetune_seed={seed}", "results.json"), results)
   return str(folder)
 
 
@@ -129,6 +130,47 @@ def test_fit_cells_must_be_cells(cells, tmp_path):
   assert not (tmp_path / "out").exists()
   paths = study.write_study(cells, str(tmp_path / "out"), fit_cells=["default"])
   assert "over the runs of default:" in open(paths[0]).read()
+
+
+def test_the_baseline_pairs_cells_by_seed_and_calls_a_gain_only_beyond_both_spreads(cells, tmp_path):
+  # reindex 15 above default's in every seed (a gain beyond both stds of 10); no_reindex 5 above (within 10.54)
+  strong = _write_cell(tmp_path / "strong", [{"reindex": f["reindex"] + 15.0, "no_reindex": f["no_reindex"] + 5.0}
+                                             for f in FINALS], DRIFTS)
+  cells = [*cells, *study.load_cells([f"strong={strong}"])]
+  rows = [row for cell in cells for row in study.cell_rows(cell)]
+  compared = {(r["cell"], r["scope"], r["policy"]): r for r in study.add_baseline_columns(cells, rows, "default")}
+  gain, within = compared["strong", "task_aware", "reindex"], compared["strong", "task_aware", "no_reindex"]
+  assert gain["minus_baseline"] == pytest.approx(15.0) and gain["minus_baseline_std"] == pytest.approx(0.0)
+  assert gain["versus_baseline"] == "gain" and within["versus_baseline"] == "within spread"
+  # frozen ran seeds 0 and 1: reindex 30 − 30 and 32 − 40 → −4 ± 5.66, inside default's std of 10
+  frozen = compared["frozen", "task_aware", "reindex"]
+  assert frozen["minus_baseline"] == pytest.approx(-4.0) and frozen["minus_baseline_std"] == pytest.approx(32 ** 0.5)
+  assert frozen["versus_baseline"] == "within spread"
+  assert compared["default", "task_aware", "reindex"]["minus_baseline"] is None
+  assert compared["default", "task_aware", "no_reindex+shift"]["versus_baseline"] == ""
+  paths = study.write_study(cells, str(tmp_path / "out"), baseline="default")
+  assert ("| strong | task_aware | 3 | 55.00 ± 10.00 | 15.00 ± 0.00 | gain | 43.00 ± 10.54 | 5.00 ± 0.00 | "
+          "within spread |") in open(paths[0]).read()
+  with open(paths[1], newline="") as f:
+    assert list(next(csv.DictReader(f))) == list(study.CSV_COLUMNS + study.BASELINE_COLUMNS)
+
+
+def test_verdict_needs_two_seeds_a_side_and_a_difference_beyond_both_stds():
+  assert study.verdict(-3.0, 1.0, 2.0, 3, 3) == "loss"
+  assert study.verdict(3.0, 1.0, 3.0, 3, 3) == "within spread"
+  assert study.verdict(30.0, 0.0, 0.0, 1, 3) == "one seed: no verdict"
+
+
+def test_the_baseline_must_be_a_cell_with_one_run_per_seed(cells, tmp_path):
+  rows = [row for cell in cells for row in study.cell_rows(cell)]
+  with pytest.raises(study.StudyError, match="--baseline names 'nope', which is not a cell"):
+    study.add_baseline_columns(cells, rows, "nope")
+  twice = tmp_path / "twice"
+  for name in ("a", "b"):
+    manifest.write_json(str(twice / name / "results.json"), _results(FINALS[0], seed=4))
+  cells = [*cells, *study.load_cells([f"twice={twice}"])]
+  with pytest.raises(study.StudyError, match="repeats seed 4; --baseline pairs"):
+    study.add_baseline_columns(cells, rows, "default")
 
 
 def test_a_single_run_is_a_cell_of_one(tmp_path):
