@@ -173,8 +173,8 @@ def add_baseline_columns(cells: Sequence[Cell], rows: Sequence[dict], baseline: 
   by_label = {cell.label: cell for cell in cells}
   if baseline not in by_label:
     raise StudyError(f"--baseline names {baseline!r}, which is not a cell; the cells are {list(by_label)}")
-  reference = _finals_by_seed(by_label[baseline])
   finals = {cell.label: _finals_by_seed(cell) for cell in cells}
+  reference = finals[baseline]
   base_rows = {(r["scope"], r["policy"]): r for r in rows if r["cell"] == baseline}
   out = []
   for row in rows:
