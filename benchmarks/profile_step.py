@@ -153,7 +153,7 @@ def print_torch_profile(workload: workloads.Workload, result: dict, top: int) ->
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workloads", default="small,mid", help="comma-separated: small, mid, tiny")
+  parser.add_argument("--workloads", default="small,mid", help="comma-separated: default, small, mid, tiny")
   parser.add_argument("--steps", type=int, default=5, help="steps traced per side")
   parser.add_argument("--top", type=int, default=15, help="operations listed per side")
   parser.add_argument("--quick", action="store_true", help="the tiny workload, 2 steps")
@@ -168,7 +168,9 @@ def main(argv=None) -> None:
     workload = workloads.get_workload(name)
     print(f"\n## workload {name}: batch {workload.batch_size}, {workload.train_flops_per_step() / 1e9:.1f} GFLOP/step")
     print_jax_profile(workload, profile_jax(workload, args.steps), args.top)
-    if peer:
+    if not workloads.has_open_clip_counterpart(workload):
+      print(f"\n(open_clip has no counterpart of the {name} workload's towers: the JAX side only)")
+    elif peer:
       from benchmarks import open_clip_peer
       with common.Worker(open_clip_peer.profiling_worker, workload, args.steps) as worker:
         print_torch_profile(workload, worker.info, args.top)

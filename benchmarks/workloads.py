@@ -150,10 +150,15 @@ def with_options(workload: Workload, dtype: str | None = None, remat: bool = Fal
   return dataclasses.replace(workload, model=model, batch_size=batch_size or workload.batch_size)
 
 
+def has_open_clip_counterpart(workload: Workload) -> bool:
+  """Whether open_clip builds the same network: a ``vit`` image tower and a ``causal_transformer`` text tower."""
+  return (workload.model.image_tower, workload.model.text_tower) == ("vit", "causal_transformer")
+
+
 def open_clip_config(workload: Workload) -> dict:
   """open_clip's model config (``model_configs/*.json`` form) of a ``vit`` + ``causal_transformer`` workload."""
   m = workload.model
-  if (m.image_tower, m.text_tower) != ("vit", "causal_transformer"):
+  if not has_open_clip_counterpart(workload):
     raise ValueError(f"workload {workload.name!r} has no open_clip counterpart")
   return {
       "embed_dim": m.embed_dim,

@@ -7,9 +7,11 @@ through :data:`IMAGE_TOWERS` and :data:`TEXT_TOWERS`; larger ones register here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ccmr_jax.data.tokenizer import PAD_ID
@@ -26,6 +28,40 @@ def space_to_depth(x: jnp.ndarray, patch: int) -> jnp.ndarray:
   return x.reshape(b, h // patch, w // patch, patch * patch * c)
 
 
+def conv_as_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int], padding: Any,
+                   lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                   dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None) -> jnp.ndarray:
+  """A stride-1 ``SAME`` convolution ``[B, H, W, C] * [kh, kw, C, O]`` as one matmul over patches.
+
+  ``y[b, i, j] = Σ_{u, v} x_pad[b, i + u, j + v] · K[u, v]`` is
+  ``cols @ K.reshape(kh·kw·C, O)``, where row ``(b, i, j)`` of ``cols`` holds
+  the ``kh × kw`` neighbourhood of ``(i, j)`` (zero-padded), in ``(u, v, c)``
+  order. The same numbers as ``lax.conv_general_dilated`` up to float
+  rounding; XLA:CPU runs this conv, its input gradient and its kernel
+  gradient as three library matmuls, where its convolution kernels take
+  about twice as long on the default tower's 8×8×128 maps
+  (``BENCHMARKS.md``). Passed to ``nn.Conv(conv_general_dilated=...)``, so the
+  layer's parameters and their init stay ``nn.Conv``'s; anything but stride
+  1, ``SAME`` padding, no dilation, one group and NHWC/HWIO is refused.
+  """
+  kh, kw, channels, out = rhs.shape
+  same = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+  if (tuple(window_strides) != (1, 1) or padding not in ("SAME", same) or feature_group_count != 1
+      or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))):
+    raise ValueError("conv_as_matmul computes stride-1 SAME convolutions without dilation or groups, "
+                     f"not strides {window_strides}, padding {padding}, {feature_group_count} groups")
+  channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if dimension_numbers is not None and (
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != channels_last):
+    raise ValueError(f"conv_as_matmul expects NHWC inputs and HWIO kernels, not {dimension_numbers}")
+  batch, height, width, _ = lhs.shape
+  x = jnp.pad(lhs, ((0, 0), *same, (0, 0)))
+  cols = jnp.concatenate([x[:, u:u + height, v:v + width] for u in range(kh) for v in range(kw)], axis=-1)
+  y = jnp.dot(cols.reshape(batch * height * width, kh * kw * channels), rhs.reshape(kh * kw * channels, out),
+              precision=precision)
+  return y.reshape(batch, height, width, out)
+
+
 class ConvImageTower(nn.Module):
   """A small convolutional tower for the synthetic scenes.
 
@@ -35,8 +71,9 @@ class ConvImageTower(nn.Module):
   after each → flatten (keeps where things are, which captions talk about)
   → LayerNorm → dense ``features``.
 
-  Patch embeddings are matmuls: on CPU, XLA's convolutions over large
-  feature maps are several times slower than the same work as a matmul.
+  Patch embeddings are matmuls, and so is the 3x3 conv (:func:`conv_as_matmul`):
+  on CPU, XLA's convolutions over large feature maps are several times
+  slower than the same work as a matmul.
   """
 
   patch: int = 4
@@ -50,14 +87,55 @@ class ConvImageTower(nn.Module):
     x = nn.gelu(nn.Dense(self.widths[0], dtype=self.dtype, name="patch_embed")(space_to_depth(x, self.patch)))
     for width in self.widths[1:]:
       x = nn.gelu(nn.Dense(width, dtype=self.dtype)(space_to_depth(x, 2)))
-      x = nn.gelu(nn.Conv(width, (3, 3), dtype=self.dtype)(x))
+      x = nn.gelu(nn.Conv(width, (3, 3), dtype=self.dtype, conv_general_dilated=conv_as_matmul)(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.LayerNorm(dtype=self.dtype)(x)
     return nn.gelu(nn.Dense(self.features, dtype=self.dtype)(x))
 
 
+class SelfAttention(nn.Module):
+  """Flax's ``MultiHeadDotProductAttention`` as self-attention over rows, with the heads folded into the batch.
+
+  ``softmax(q·kᵀ/√d, masked)·v`` per head, ``d = width / heads``, where the
+  mask lets a valid token attend to the valid tokens of its own caption (a
+  padding row attends uniformly to all, as in Flax). Parameters (``query``,
+  ``key``, ``value``: ``[width, heads, d]``; ``out``: ``[heads, d, width]``),
+  their names and their init are Flax's, so checkpoints of either load into
+  the other; the input is the ``[batch·length, width]`` rows of the block,
+  and the scores are two batched matmuls over ``batch·heads``, which XLA:CPU
+  runs faster than Flax's 4-D einsums (``BENCHMARKS.md``).
+  """
+
+  heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, rows: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+    batch, length = valid.shape
+    width = rows.shape[-1]
+    d = width // self.heads
+    project = functools.partial(nn.DenseGeneral, features=(self.heads, d), dtype=self.dtype)
+
+    def folded(heads_last: jnp.ndarray) -> jnp.ndarray:  # [batch·length, heads, d] → [batch·heads, length, d]
+      return heads_last.reshape(batch, length, self.heads, d).transpose(0, 2, 1, 3).reshape(-1, length, d)
+
+    query = folded(project(name="query")(rows) / jnp.sqrt(d).astype(self.dtype))
+    key, value = (folded(project(name=name)(rows)) for name in ("key", "value"))
+    logits = jax.lax.dot_general(query, key, (((2,), (2,)), ((0,), (0,))))
+    allowed = jnp.repeat(valid[:, :, None] & valid[:, None, :], self.heads, axis=0)
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+    out = jax.lax.dot_general(jax.nn.softmax(logits, axis=-1), value, (((2,), (1,)), ((0,), (0,))))
+    out = out.reshape(batch, self.heads, length, d).transpose(0, 2, 1, 3).reshape(batch * length, self.heads, d)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
 class TransformerBlock(nn.Module):
-  """Pre-LayerNorm self-attention block with a padding mask."""
+  """Pre-LayerNorm self-attention block with a padding mask; ``[B, L, width]`` → ``[B, L, width]``.
+
+  Norms and dense layers see the tokens as ``[B·L, width]`` rows (a free
+  reshape): XLA:CPU runs a dense layer over 2-D rows, and its gradient,
+  faster than over a 3-D input.
+  """
 
   width: int
   heads: int
@@ -65,14 +143,15 @@ class TransformerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+    batch, length, _ = x.shape
+    x = x.reshape(batch * length, self.width)
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype)(y, y, mask=mask)
-    x = x + y
+    x = x + SelfAttention(self.heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, valid)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype)(y)
-    y = nn.Dense(self.width, dtype=self.dtype)(nn.gelu(y))
-    return x + y
+    x = x + nn.Dense(self.width, dtype=self.dtype)(nn.gelu(y))
+    return x.reshape(batch, length, self.width)
 
 
 class TransformerTextTower(nn.Module):
@@ -91,9 +170,8 @@ class TransformerTextTower(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype)(tokens)
     pos = self.param("position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width))
     x = x + pos[: tokens.shape[1]].astype(self.dtype)
-    mask = nn.make_attention_mask(valid, valid)
     for _ in range(self.depth):
-      x = TransformerBlock(self.width, self.heads, dtype=self.dtype)(x, mask)
+      x = TransformerBlock(self.width, self.heads, dtype=self.dtype)(x, valid)
     x = nn.LayerNorm(dtype=self.dtype)(x)
     weights = valid.astype(self.dtype)[..., None]
     return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)

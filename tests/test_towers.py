@@ -1,0 +1,67 @@
+"""The default's towers compute Flax's layers: the conv as a matmul, attention over rows."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccmr_jax.models import towers
+
+
+def _leaves_close(a, b, rtol=1e-5, atol=1e-6):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def _probe(tree):
+  """A scalar that depends on every entry of ``tree`` with a different weight (its gradient is not trivial)."""
+  return sum((t * jnp.sin(jnp.arange(t.size, dtype=t.dtype).reshape(t.shape))).sum() for t in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 2), (1, 3)])
+def test_conv_as_matmul_matches_the_library_convolution_and_its_gradients(kernel):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 4)), jnp.float32)
+  library, ours = nn.Conv(7, kernel), nn.Conv(7, kernel, conv_general_dilated=towers.conv_as_matmul)
+  params = library.init(jax.random.key(1), x)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(1), x)))
+  np.testing.assert_allclose(ours.apply(params, x), library.apply(params, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda p, v, m=m: _probe(m.apply(p, v)), argnums=(0, 1)))(params, x)
+           for m in (library, ours)]
+  _leaves_close(*grads, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(strides=2), dict(padding="VALID"), dict(kernel_dilation=2),
+                                     dict(feature_group_count=2)])
+def test_conv_as_matmul_refuses_what_it_does_not_compute(options):
+  x = jnp.zeros((1, 8, 8, 4))
+  with pytest.raises(ValueError, match="stride-1 SAME"):
+    nn.Conv(4, (3, 3), conv_general_dilated=towers.conv_as_matmul, **options).init(jax.random.key(0), x)
+
+
+class _FlaxBlock(nn.Module):
+  """The reference: the same block written with Flax's ``MultiHeadDotProductAttention`` over ``[B, L, width]``."""
+
+  width: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, valid):
+    mask = nn.make_attention_mask(valid, valid)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x), mask=mask)
+    y = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(nn.gelu(y))
+
+
+def test_transformer_block_is_flax_attention_with_the_same_params_and_numbers():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(5, 7, 16)), jnp.float32)
+  valid = jnp.asarray(np.arange(7)[None, :] < np.array([7, 3, 1, 5, 0])[:, None])  # a caption of no token too
+  ours, flax_block = towers.TransformerBlock(16, 4), _FlaxBlock(16, 4)
+  params = flax_block.init(jax.random.key(2), x, valid)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(2), x, valid)))
+  np.testing.assert_allclose(ours.apply(params, x, valid), flax_block.apply(params, x, valid), rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda p, v, m=m: _probe(m.apply(p, v, valid)), argnums=(0, 1)))(params, x)
+           for m in (flax_block, ours)]
+  _leaves_close(*grads, rtol=1e-4, atol=1e-5)
+
