@@ -63,6 +63,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        "config.continual.bct = ml_collections.ConfigDict({'weight': 1.0}) (see ccmr_jax/defaults.py)")
     check_continual_config(config.continual)
     train.trainable_patterns(config.train.get("trainable", "all"))
+    report.plots_enabled()  # a bad $CCMR_JAX_PLOTS stops the run before training, not after it
   except ValueError as e:
     raise UserError(str(e)) from e
   choices = {"loss.name": LOSSES, "eval.index_mode": index.INDEX_MODES, "eval.split": EVAL_SPLITS,
@@ -451,9 +452,20 @@ def evaluate_and_record(c: Components, t: int, params, workdir: str, config: ml_
   return evaluation
 
 
+def draw_plots(results: dict, workdir: str, first_split: Examples) -> list[str]:
+  """The run's figures under ``plots/``: recall matrices, task curves, price of re-indexing, analysis, examples."""
+  plots = report.plot_results(results, workdir)
+  plots.append(analysis.plot_analysis(results["analysis"], os.path.join(layout.plots_dir(workdir), "analysis.png")))
+  rows = {int(image_id): row for row, image_id in enumerate(first_split.image_ids)}
+  plots.append(search_figures.plot_examples(results["examples"], lambda image_id: first_split.images[rows[image_id]],
+                                            search_figures.examples_path(workdir)))
+  return plots
+
+
 def write_outputs(evaluations: list[dict], zero_shot: dict, run_info: dict, workdir: str,
                   config: ml_collections.ConfigDict, first_split: Examples) -> dict:
-  """``results.json`` (matrices, summaries, analysis, examples), ``report.md`` and the plots; prints the summary.
+  """``results.json`` (matrices, summaries, analysis, examples), ``report.md`` and the plots (unless
+  ``$CCMR_JAX_PLOTS=0``: :func:`ccmr_jax.report.plots_enabled`); prints the summary.
 
   ``first_split`` is task 0's evaluation split: the pixels of the examples' images.
   """
@@ -462,11 +474,7 @@ def write_outputs(evaluations: list[dict], zero_shot: dict, run_info: dict, work
   results["analysis_summary"] = analysis.summarize_analysis(results["analysis"])
   results["examples"] = search_figures.report_examples(workdir, results["tasks_trained"])
   manifest.write_json(layout.results_path(workdir), results)
-  plots = report.plot_results(results, workdir)
-  plots.append(analysis.plot_analysis(results["analysis"], os.path.join(layout.plots_dir(workdir), "analysis.png")))
-  rows = {int(image_id): row for row, image_id in enumerate(first_split.image_ids)}
-  plots.append(search_figures.plot_examples(results["examples"], lambda image_id: first_split.images[rows[image_id]],
-                                            search_figures.examples_path(workdir)))
+  plots = draw_plots(results, workdir, first_split) if report.plots_enabled() else []
   report_path = report.write_report(results, workdir, plots)
   print("\n" + report.summary_table(results) + "\n")
   print("wrote:\n  " + "\n  ".join([layout.results_path(workdir), report_path, *plots,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import tempfile
 from typing import Sequence
 
@@ -236,11 +237,32 @@ def write_report(results: dict, workdir: str, plot_paths: Sequence[str]) -> str:
     parts += analysis_section(results["analysis_summary"])
   if results.get("examples"):
     parts += examples_section(results["examples"])
-  parts += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
+  parts += ["## Plots", ""] + ([f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
+                               or [f"Not drawn: the run had {PLOTS_ENV_VAR}=0. Rerun the same command without it "
+                                   "to draw them (nothing is trained or evaluated again)."])
   parts += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
   path = layout.report_path(workdir)
   files.atomic_write_text(path, "\n".join(parts) + "\n")
   return path
+
+
+PLOTS_ENV_VAR = "CCMR_JAX_PLOTS"
+
+
+def plots_enabled() -> bool:
+  """Whether runs draw their PNG figures: ``$CCMR_JAX_PLOTS`` unset or ``1``, not ``0``.
+
+  Drawing them takes about 7 s per run whatever its size (matplotlib's layout of some
+  sixty axes); sweeps of many small runs, and the test suite, may skip it. ``results.json``
+  and ``report.md`` hold every number either way.
+
+  Raises:
+    ValueError: any other value.
+  """
+  value = os.environ.get(PLOTS_ENV_VAR, "1").strip()
+  if value not in ("0", "1"):
+    raise ValueError(f"{PLOTS_ENV_VAR}={value!r}: set it to 1 (draw the plots, the default) or 0 (skip them)")
+  return value == "1"
 
 
 def _save_figure(fig, path: str) -> None:
@@ -322,6 +344,12 @@ def plot_reindexing_cost(results: dict, path: str, metric: str = metrics.HEADLIN
   return path
 
 
+def tensorboard_tag(name: str) -> str:
+  """``name`` with every character outside ``[-/\\w.]`` as ``_``: the tag TensorBoard would make of it, without
+  its log line per renamed scalar (192 lines in a tiny run)."""
+  return re.sub(r"[^-/\w.]", "_", name)
+
+
 class TensorBoard:
   """Scalars to ``workdir/tensorboard``, written by one process only (``enabled``).
 
@@ -338,9 +366,10 @@ class TensorBoard:
       self.writer = SummaryWriter(self.local)
 
   def scalars(self, step: int, values: dict, prefix: str) -> None:
+    """Writes ``prefix/name`` for each value; characters a tag may not hold (``+`` of policy names) become ``_``."""
     if self.writer is not None:
       for name, value in values.items():
-        self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        self.writer.add_scalar(tensorboard_tag(f"{prefix}/{name}"), value, step)
       self.writer.flush()
 
   def sync(self) -> None:

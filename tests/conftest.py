@@ -9,11 +9,15 @@ numbers).
 import ccmr_jax  # noqa: F401  first: its host-memory setting reaches every thread (ccmr_jax/host_memory.py)
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Runs skip their PNG figures (about 7 s each, a quarter of the suite), in this process and in the runs it
+# starts; the shared tiny run below draws them, and its tests check them.
+os.environ["CCMR_JAX_PLOTS"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -76,13 +80,24 @@ def tiny_config(**overrides):
   return config
 
 
+@contextlib.contextmanager
+def plots_drawn():
+  """Within it, runs draw their plots (``CCMR_JAX_PLOTS=1``)."""
+  os.environ["CCMR_JAX_PLOTS"] = "1"
+  try:
+    yield
+  finally:
+    os.environ["CCMR_JAX_PLOTS"] = "0"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """One finished run of ``configs/tiny.py`` (``finetune``), shared read-only: ``(workdir, results)``."""
+  """One finished run of ``configs/tiny.py`` (``finetune``) with its plots, shared read-only: ``(workdir, results)``."""
   from ccmr_jax import experiment  # noqa: PLC0415
 
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, experiment.run(tiny_config(), workdir)
+  with plots_drawn():
+    return workdir, experiment.run(tiny_config(), workdir)
 
 
 @pytest.fixture(scope="session")

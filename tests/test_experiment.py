@@ -16,7 +16,7 @@ import pytest
 from ccmr_jax import drift_maps, experiment, files, manifest, policies
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
-from tests.conftest import tiny_config
+from tests.conftest import EWC_REPLAY_OVERRIDES, plots_drawn, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,6 +232,25 @@ def test_allow_config_change_through_the_command_logs_every_difference(finished_
   assert json.load(open(os.path.join(copy, "results.json")))["policies"] == results["policies"]
 
 
+def test_a_run_without_plots_says_so_and_a_rerun_draws_them(ewc_replay_run, tmp_path):
+  source, results = ewc_replay_run  # run with CCMR_JAX_PLOTS=0 (tests/conftest.py)
+  assert not os.path.exists(os.path.join(source, "plots", "recall_matrix.png"))
+  assert "Not drawn: the run had CCMR_JAX_PLOTS=0" in open(os.path.join(source, "report.md")).read()
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  with plots_drawn():
+    assert experiment.run(tiny_config(**EWC_REPLAY_OVERRIDES), workdir)["policies"] == results["policies"]
+  assert {"recall_matrix.png", "task_curves.png", "analysis.png"} <= set(os.listdir(os.path.join(workdir, "plots")))
+  assert "Not drawn" not in open(os.path.join(workdir, "report.md")).read()
+
+
+def test_a_bad_plots_setting_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+  monkeypatch.setenv("CCMR_JAX_PLOTS", "yes")
+  with pytest.raises(experiment.UserError, match="CCMR_JAX_PLOTS='yes': set it to 1"):
+    experiment.run(tiny_config(), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")  # nothing that a rerun would trust
+
+
 def test_a_continual_strategy_trains_and_saves_its_state(ewc_replay_run):
   workdir, _ = ewc_replay_run  # the tiny config under ewc+replay (tests/conftest.py)
   for path in ("results.json", "continual/task_00/regularizers", "continual/task_00/replay.npz",
@@ -277,6 +296,16 @@ def _logged_scalars(folder: str, suffix: str) -> dict[str, list[float]]:
         if value.tag.endswith(suffix):
           scalars.setdefault(value.tag, []).append(value.simple_value)
   return scalars
+
+
+def test_policy_scalars_get_the_tag_tensorboard_would_make_without_a_log_line_each(tmp_path, caplog):
+  from ccmr_jax import report
+  board = report.TensorBoard(str(tmp_path))
+  with caplog.at_level("INFO"):
+    board.scalars(2, {"mean_r1": 41.5}, "eval_task_aware_no_reindex+shift/task_00")
+  board.close()
+  assert _logged_scalars(str(tmp_path), "mean_r1") == {"eval_task_aware_no_reindex_shift/task_00/mean_r1": [41.5]}
+  assert not [r for r in caplog.records if "illegal" in r.getMessage()]
 
 
 def test_an_unwritable_workdir_is_refused(tmp_path):
