@@ -252,8 +252,8 @@ PLOTS_ENV_VAR = "CCMR_JAX_PLOTS"
 def plots_enabled() -> bool:
   """Whether runs draw their PNG figures: ``$CCMR_JAX_PLOTS`` unset or ``1``, not ``0``.
 
-  Drawing them takes about 7 s per run whatever its size (matplotlib's layout of some
-  sixty axes); sweeps of many small runs, and the test suite, may skip it. ``results.json``
+  Drawing them takes about 7 s per run whatever its size (matplotlib lays out about
+  200 axes); sweeps of many small runs, and the test suite, may skip it. ``results.json``
   and ``report.md`` hold every number either way.
 
   Raises:
