@@ -345,9 +345,9 @@ def plot_reindexing_cost(results: dict, path: str, metric: str = metrics.HEADLIN
 
 
 def tensorboard_tag(name: str) -> str:
-  """``name`` with every character outside ``[-/\\w.]`` as ``_``: the tag TensorBoard would make of it, without
-  its log line per renamed scalar (192 lines in a tiny run)."""
-  return re.sub(r"[^-/\w.]", "_", name)
+  """``name`` with every character outside ``[-/\\w.]`` as ``_`` and no leading ``/``: the tag TensorBoard would
+  make of it, without its log line per renamed scalar (192 lines in a tiny run)."""
+  return re.sub(r"[^-/\w.]", "_", name).lstrip("/")
 
 
 class TensorBoard:

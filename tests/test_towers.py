@@ -31,6 +31,23 @@ def test_conv_as_matmul_matches_the_library_convolution_and_its_gradients(kernel
   _leaves_close(*grads, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_as_matmul_takes_same_padding_written_out():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+  library, ours = nn.Conv(5, (3, 3)), nn.Conv(5, (3, 3), padding=1, conv_general_dilated=towers.conv_as_matmul)
+  params = library.init(jax.random.key(1), x)
+  np.testing.assert_allclose(ours.apply(params, x), library.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_as_matmul_refuses_a_1d_convolution():
+  with pytest.raises(ValueError, match="2-D convolutions only"):
+    nn.Conv(4, (3,), conv_general_dilated=towers.conv_as_matmul).init(jax.random.key(0), jnp.zeros((1, 8, 4)))
+
+
+def test_attention_refuses_a_width_the_heads_do_not_divide():
+  with pytest.raises(ValueError, match="width 10 is not divisible by 4 heads"):
+    towers.TransformerBlock(10, 4).init(jax.random.key(0), jnp.zeros((1, 3, 10)), jnp.ones((1, 3), bool))
+
+
 @pytest.mark.parametrize("options", [dict(strides=2), dict(padding="VALID"), dict(kernel_dilation=2),
                                      dict(feature_group_count=2)])
 def test_conv_as_matmul_refuses_what_it_does_not_compute(options):

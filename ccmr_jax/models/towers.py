@@ -44,9 +44,12 @@ def conv_as_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[
   layer's parameters and their init stay ``nn.Conv``'s; anything but stride
   1, ``SAME`` padding, no dilation, one group and NHWC/HWIO is refused.
   """
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    raise ValueError(f"conv_as_matmul computes 2-D convolutions only, not inputs {lhs.shape} * kernels {rhs.shape}")
   kh, kw, channels, out = rhs.shape
   same = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
-  if (tuple(window_strides) != (1, 1) or padding not in ("SAME", same) or feature_group_count != 1
+  explicit_same = not isinstance(padding, str) and tuple(map(tuple, padding)) == same
+  if (tuple(window_strides) != (1, 1) or not (padding == "SAME" or explicit_same) or feature_group_count != 1
       or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))):
     raise ValueError("conv_as_matmul computes stride-1 SAME convolutions without dilation or groups, "
                      f"not strides {window_strides}, padding {padding}, {feature_group_count} groups")
@@ -113,6 +116,8 @@ class SelfAttention(nn.Module):
   def __call__(self, rows: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
     batch, length = valid.shape
     width = rows.shape[-1]
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by {self.heads} heads")
     d = width // self.heads
     project = functools.partial(nn.DenseGeneral, features=(self.heads, d), dtype=self.dtype)
 
