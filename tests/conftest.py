@@ -15,7 +15,7 @@ import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# Runs skip their PNG figures (about 7 s each, a quarter of the suite), in this process and in the runs it
+# Runs skip their PNG figures (about 7 s each, some 40 % of the suite's time), in this process and in the runs it
 # starts; the shared tiny run below draws them, and its tests check them.
 os.environ["CCMR_JAX_PLOTS"] = "0"
 

@@ -240,7 +240,8 @@ def test_a_run_without_plots_says_so_and_a_rerun_draws_them(ewc_replay_run, tmp_
   shutil.copytree(source, workdir)
   with plots_drawn():
     assert experiment.run(tiny_config(**EWC_REPLAY_OVERRIDES), workdir)["policies"] == results["policies"]
-  assert {"recall_matrix.png", "task_curves.png", "analysis.png"} <= set(os.listdir(os.path.join(workdir, "plots")))
+  drawn = {"recall_matrix.png", "task_curves.png", "reindexing_cost.png", "analysis.png", "examples.png"}
+  assert drawn <= set(os.listdir(os.path.join(workdir, "plots")))
   assert "Not drawn" not in open(os.path.join(workdir, "report.md")).read()
 
 

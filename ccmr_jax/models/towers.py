@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ccmr_jax.data.tokenizer import PAD_ID
+from ccmr_jax.models import vit
 from ccmr_jax.models.resnet import ResNetTower
 from ccmr_jax.models.vit import CausalTextTower, VisionTransformerTower
 
@@ -105,8 +106,9 @@ class SelfAttention(nn.Module):
   ``key``, ``value``: ``[width, heads, d]``; ``out``: ``[heads, d, width]``),
   their names and their init are Flax's, so checkpoints of either load into
   the other; the input is the ``[batch·length, width]`` rows of the block,
-  and the scores are two batched matmuls over ``batch·heads``, which XLA:CPU
-  runs faster than Flax's 4-D einsums (``BENCHMARKS.md``).
+  and the scores are :func:`ccmr_jax.models.vit.folded_attention`'s two
+  batched matmuls over ``batch·heads``, which XLA:CPU runs faster than
+  Flax's 4-D einsums (``BENCHMARKS.md``).
   """
 
   heads: int
@@ -126,10 +128,8 @@ class SelfAttention(nn.Module):
 
     query = folded(project(name="query")(rows) / jnp.sqrt(d).astype(self.dtype))
     key, value = (folded(project(name=name)(rows)) for name in ("key", "value"))
-    logits = jax.lax.dot_general(query, key, (((2,), (2,)), ((0,), (0,))))
     allowed = jnp.repeat(valid[:, :, None] & valid[:, None, :], self.heads, axis=0)
-    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-    out = jax.lax.dot_general(jax.nn.softmax(logits, axis=-1), value, (((2,), (1,)), ((0,), (0,))))
+    out = vit.folded_attention(query, key, value, allowed)
     out = out.reshape(batch, self.heads, length, d).transpose(0, 2, 1, 3).reshape(batch * length, self.heads, d)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 

@@ -80,13 +80,24 @@ def multi_head_attention(qkv: jnp.ndarray, batch: int, length: int, heads: int, 
   width = qkv.shape[-1] // 3
   d = width // heads
   qkv = qkv.reshape(batch, length, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, batch * heads, length, d)
-  query, key, value = qkv[0] * jnp.asarray(d ** -0.5, qkv.dtype), qkv[1], qkv[2]
-  logits = jax.lax.dot_general(query, key, (((2,), (2,)), ((0,), (0,))))
-  if causal:
-    allowed = jnp.tril(jnp.ones((length, length), bool))
-    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-  out = jax.lax.dot_general(jax.nn.softmax(logits, axis=-1), value, (((2,), (1,)), ((0,), (0,))))
+  allowed = jnp.tril(jnp.ones((length, length), bool)) if causal else None
+  out = folded_attention(qkv[0] * jnp.asarray(d ** -0.5, qkv.dtype), qkv[1], qkv[2], allowed)
   return out.reshape(batch, heads, length, d).transpose(0, 2, 1, 3).reshape(batch * length, width)
+
+
+def folded_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
+                     allowed: jnp.ndarray | None = None) -> jnp.ndarray:
+  """``softmax(q·kᵀ, masked)·v`` over ``[batch·heads, length, d]``: the heads folded into the batch.
+
+  ``query`` comes scaled by ``1/√d``; where ``allowed`` (broadcast to
+  ``[batch·heads, length, length]``) is False, the logit is the dtype's
+  lowest value. Two batched matmuls, which XLA:CPU runs about twice as fast
+  as a second batch dimension for the heads.
+  """
+  logits = jax.lax.dot_general(query, key, (((2,), (2,)), ((0,), (0,))))
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+  return jax.lax.dot_general(jax.nn.softmax(logits, axis=-1), value, (((2,), (1,)), ((0,), (0,))))
 
 
 class ResidualAttentionBlock(nn.Module):
