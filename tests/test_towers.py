@@ -82,3 +82,35 @@ def test_transformer_block_is_flax_attention_with_the_same_params_and_numbers():
            for m in (flax_block, ours)]
   _leaves_close(*grads, rtol=1e-4, atol=1e-5)
 
+
+
+def test_over_rows_is_the_layer_on_the_map():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 5)), jnp.float32)
+  layer = nn.Dense(6)
+  params = layer.init(jax.random.key(0), x)
+  rows = towers.over_rows(lambda v: layer.apply(params, v), x)
+  assert rows.shape == (2, 3, 4, 6)
+  np.testing.assert_allclose(rows, layer.apply(params, x), rtol=1e-6, atol=1e-6)
+
+
+class _MapConvTower(nn.Module):
+  """The reference: the conv tower with its dense layers applied to the 4-D feature maps."""
+
+  @nn.compact
+  def __call__(self, images):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    x = nn.gelu(nn.Dense(8, name="patch_embed")(towers.space_to_depth(x, 2)))
+    x = nn.gelu(nn.Dense(16)(towers.space_to_depth(x, 2)))
+    x = nn.gelu(nn.Conv(16, (3, 3))(x))
+    x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+    return nn.gelu(nn.Dense(12)(x))
+
+
+def test_conv_tower_is_the_plain_flax_tower_with_the_same_params_and_numbers():
+  images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+  ours, reference = towers.ConvImageTower(patch=2, widths=(8, 16), features=12), _MapConvTower()
+  params = reference.init(jax.random.key(3), images)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(3), images)))
+  np.testing.assert_allclose(ours.apply(params, images), reference.apply(params, images), rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.grad(lambda p, m=m: _probe(m.apply(p, images))))(params) for m in (reference, ours)]
+  _leaves_close(*grads, rtol=1e-4, atol=1e-5)

@@ -29,6 +29,17 @@ def space_to_depth(x: jnp.ndarray, patch: int) -> jnp.ndarray:
   return x.reshape(b, h // patch, w // patch, patch * patch * c)
 
 
+def over_rows(layer: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+  """``layer`` applied to ``x [..., C]`` seen as ``[N, C]`` rows (a free reshape), the leading shape restored.
+
+  For a dense layer the same numbers; XLA:CPU runs it, and the gradient of
+  its kernel, faster over 2-D rows than over a 4-D feature map
+  (``BENCHMARKS.md``).
+  """
+  y = layer(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def conv_as_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Sequence[int], padding: Any,
                    lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                    dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None) -> jnp.ndarray:
@@ -75,9 +86,10 @@ class ConvImageTower(nn.Module):
   after each → flatten (keeps where things are, which captions talk about)
   → LayerNorm → dense ``features``.
 
-  Patch embeddings are matmuls, and so is the 3x3 conv (:func:`conv_as_matmul`):
-  on CPU, XLA's convolutions over large feature maps are several times
-  slower than the same work as a matmul.
+  Patch embeddings are matmuls over the patches as rows (:func:`over_rows`),
+  and so is the 3x3 conv (:func:`conv_as_matmul`): on CPU, XLA's
+  convolutions over large feature maps are several times slower than the
+  same work as a matmul.
   """
 
   patch: int = 4
@@ -88,9 +100,10 @@ class ConvImageTower(nn.Module):
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
     x = images.astype(self.dtype) / 127.5 - 1.0
-    x = nn.gelu(nn.Dense(self.widths[0], dtype=self.dtype, name="patch_embed")(space_to_depth(x, self.patch)))
+    patch_embed = nn.Dense(self.widths[0], dtype=self.dtype, name="patch_embed")
+    x = nn.gelu(over_rows(patch_embed, space_to_depth(x, self.patch)))
     for width in self.widths[1:]:
-      x = nn.gelu(nn.Dense(width, dtype=self.dtype)(space_to_depth(x, 2)))
+      x = nn.gelu(over_rows(nn.Dense(width, dtype=self.dtype), space_to_depth(x, 2)))
       x = nn.gelu(nn.Conv(width, (3, 3), dtype=self.dtype, conv_general_dilated=conv_as_matmul)(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.LayerNorm(dtype=self.dtype)(x)
