@@ -116,7 +116,7 @@ SHARED_RUNS = ("tiny_run", "ewc_replay_run")
 
 
 def pytest_collection_modifyitems(items):
-  """Under ``pytest -n N --dist loadgroup``, the tests of each shared run go to one worker, which makes that run once."""
+  """Under ``pytest -n N --dist=loadgroup``, the tests of each shared run go to one worker, which makes it once."""
   for item in items:
     for run in SHARED_RUNS:
       if run in item.fixturenames:

@@ -1,4 +1,4 @@
-"""The default's towers compute Flax's layers: the conv as a matmul, attention over rows."""
+"""The default's towers compute Flax's layers: the conv as a matmul, dense layers and attention over rows."""
 
 import flax.linen as nn
 import jax
@@ -81,7 +81,6 @@ def test_transformer_block_is_flax_attention_with_the_same_params_and_numbers():
   grads = [jax.jit(jax.grad(lambda p, v, m=m: _probe(m.apply(p, v, valid)), argnums=(0, 1)))(params, x)
            for m in (flax_block, ours)]
   _leaves_close(*grads, rtol=1e-4, atol=1e-5)
-
 
 
 def test_over_rows_is_the_layer_on_the_map():

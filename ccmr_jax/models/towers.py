@@ -8,7 +8,7 @@ through :data:`IMAGE_TOWERS` and :data:`TEXT_TOWERS`; larger ones register here.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ def space_to_depth(x: jnp.ndarray, patch: int) -> jnp.ndarray:
   return x.reshape(b, h // patch, w // patch, patch * patch * c)
 
 
-def over_rows(layer: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+def over_rows(layer: Callable[[jnp.ndarray], jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
   """``layer`` applied to ``x [..., C]`` seen as ``[N, C]`` rows (a free reshape), the leading shape restored.
 
   For a dense layer the same numbers; XLA:CPU runs it, and the gradient of
