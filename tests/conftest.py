@@ -110,15 +110,3 @@ def ewc_replay_run(tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp("ewc_replay_run"))
   return workdir, experiment.run(tiny_config(**EWC_REPLAY_OVERRIDES), workdir)
-
-
-SHARED_RUNS = ("tiny_run", "ewc_replay_run")
-
-
-def pytest_collection_modifyitems(items):
-  """Under ``pytest -n N --dist=loadgroup``, the tests of each shared run go to one worker, which makes it once."""
-  for item in items:
-    for run in SHARED_RUNS:
-      if run in item.fixturenames:
-        item.add_marker(pytest.mark.xdist_group(run))
-        break
