@@ -85,12 +85,13 @@ def tiny_config(**overrides):
 
 @contextlib.contextmanager
 def plots_drawn():
-  """Within it, runs draw their plots (``CCMR_JAX_PLOTS=1``)."""
+  """Within it, runs draw their plots (``CCMR_JAX_PLOTS=1``); the setting before it is restored after."""
+  before = os.environ["CCMR_JAX_PLOTS"]
   os.environ["CCMR_JAX_PLOTS"] = "1"
   try:
     yield
   finally:
-    os.environ["CCMR_JAX_PLOTS"] = "0"
+    os.environ["CCMR_JAX_PLOTS"] = before
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ccmr_jax import drift_maps, experiment, files, manifest, policies
+from ccmr_jax import drift_maps, experiment, files, manifest, policies, report
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
 from tests.conftest import EWC_REPLAY_OVERRIDES, plots_drawn, tiny_config
@@ -300,7 +300,6 @@ def _logged_scalars(folder: str, suffix: str) -> dict[str, list[float]]:
 
 
 def test_policy_scalars_get_the_tag_tensorboard_would_make_without_a_log_line_each(tmp_path, caplog):
-  from ccmr_jax import report
   board = report.TensorBoard(str(tmp_path))
   with caplog.at_level("INFO"):
     board.scalars(2, {"mean_r1": 41.5}, "eval_task_aware_no_reindex+shift/task_00")

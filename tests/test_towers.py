@@ -14,6 +14,11 @@ def _leaves_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+def _identical(a, b) -> bool:
+  """Whether two trees of arrays are equal entry for entry."""
+  return jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
+
+
 def _probe(tree):
   """A scalar that depends on every entry of ``tree`` with a different weight (its gradient is not trivial)."""
   return sum((t * jnp.sin(jnp.arange(t.size, dtype=t.dtype).reshape(t.shape))).sum() for t in jax.tree.leaves(tree))
@@ -24,7 +29,7 @@ def test_conv_as_matmul_matches_the_library_convolution_and_its_gradients(kernel
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 5, 4)), jnp.float32)
   library, ours = nn.Conv(7, kernel), nn.Conv(7, kernel, conv_general_dilated=towers.conv_as_matmul)
   params = library.init(jax.random.key(1), x)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(1), x)))
+  assert _identical(params, ours.init(jax.random.key(1), x))
   np.testing.assert_allclose(ours.apply(params, x), library.apply(params, x), rtol=1e-5, atol=1e-5)
   grads = [jax.jit(jax.grad(lambda p, v, m=m: _probe(m.apply(p, v)), argnums=(0, 1)))(params, x)
            for m in (library, ours)]
@@ -76,7 +81,7 @@ def test_transformer_block_is_flax_attention_with_the_same_params_and_numbers():
   valid = jnp.asarray(np.arange(7)[None, :] < np.array([7, 3, 1, 5, 0])[:, None])  # a caption of no token too
   ours, flax_block = towers.TransformerBlock(16, 4), _FlaxBlock(16, 4)
   params = flax_block.init(jax.random.key(2), x, valid)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(2), x, valid)))
+  assert _identical(params, ours.init(jax.random.key(2), x, valid))
   np.testing.assert_allclose(ours.apply(params, x, valid), flax_block.apply(params, x, valid), rtol=1e-5, atol=1e-5)
   grads = [jax.jit(jax.grad(lambda p, v, m=m: _probe(m.apply(p, v, valid)), argnums=(0, 1)))(params, x)
            for m in (flax_block, ours)]
@@ -109,7 +114,7 @@ def test_conv_tower_is_the_plain_flax_tower_with_the_same_params_and_numbers():
   images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
   ours, reference = towers.ConvImageTower(patch=2, widths=(8, 16), features=12), _MapConvTower()
   params = reference.init(jax.random.key(3), images)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ours.init(jax.random.key(3), images)))
+  assert _identical(params, ours.init(jax.random.key(3), images))
   np.testing.assert_allclose(ours.apply(params, images), reference.apply(params, images), rtol=1e-5, atol=1e-5)
   grads = [jax.jit(jax.grad(lambda p, m=m: _probe(m.apply(p, images))))(params) for m in (reference, ours)]
   _leaves_close(*grads, rtol=1e-4, atol=1e-5)
