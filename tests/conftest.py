@@ -7,6 +7,15 @@ numbers). Each ``pytest -n`` (pytest-xdist) worker has its own: in 1 of 3
 suites whose two workers shared one cache, the 8-device ``ewc+replay`` run
 aborted inside XLA:CPU while training, as cache-loaded multi-device steps
 have done before (README.md, "Known XLA:CPU hang").
+
+XLA compiles every program of the suite, in this process and in the runs
+it starts (:func:`xla_flags`), at its cheapest LLVM optimisation level:
+the optimised HLO is the same (checked on the tiny and default training
+steps), only its machine code is less optimised, so results may differ from
+a default build in rounding. Tests compare runs made under the same flags;
+the suite, a third of whose time was compilation, takes a fifth less time
+(BENCHMARKS.md). Import this module as ``conftest``, never as
+``tests.conftest``: a second name would run it a second time.
 """
 
 import ccmr_jax  # noqa: F401  first: its host-memory setting reaches every thread (ccmr_jax/host_memory.py)
@@ -17,7 +26,15 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+  """``XLA_FLAGS`` for a test's child process: the tests' compile flags on ``devices`` fake CPU devices."""
+  return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 # Runs skip their PNG figures (about 7 s each, some 40 % of the suite's time), in this process and in the runs it
 # starts; the shared tiny run below draws them, and its tests check them.
 os.environ["CCMR_JAX_PLOTS"] = "0"

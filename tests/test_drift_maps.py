@@ -12,7 +12,7 @@ from ccmr_jax.continual.strategies import parse_strategy
 from ccmr_jax.data.task_split import Task, TaskStream
 from ccmr_jax.policies import EmbeddedSplit
 from configs import tiny
-from tests.conftest import make_examples
+from conftest import make_examples
 
 
 def _unit(x):

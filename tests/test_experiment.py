@@ -16,7 +16,7 @@ import pytest
 from ccmr_jax import drift_maps, experiment, files, manifest, policies, report
 from ccmr_jax.continual.replay import ReplayMemory
 from configs import tiny
-from tests.conftest import EWC_REPLAY_OVERRIDES, plots_drawn, tiny_config
+from conftest import EWC_REPLAY_OVERRIDES, plots_drawn, tiny_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +186,7 @@ def test_bad_config_values_are_user_errors_naming_the_field(tmp_path, path, valu
 ])
 def test_bad_config_values_stop_with_a_message_and_no_traceback(tmp_path, override, message):
   """The command line's side of the user errors above: exit status 2, one line, no traceback."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", override,
                          f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300)
@@ -218,7 +218,7 @@ def test_allow_config_change_through_the_command_logs_every_difference(finished_
   workdir, results = finished_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   command = [sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", f"--workdir={copy}",
              "--config.train.log_every=3", "--config.eval.batch_size=32"]
   refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -271,7 +271,7 @@ def test_lwf_and_bct_train_sharded_over_two_devices(tmp_path):
   # XLA:CPU's all-gathers on 2 devices (a fresh compile never did in 3,000 steps and 14 runs on 2 and 8
   # devices). A hang fails this test through its timeout.
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   workdir = str(tmp_path / "run")
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py",
                          "--config.train.strategy=lwf+bct", "--config.train.epochs_per_task=3",
@@ -381,7 +381,7 @@ def test_a_corrupt_snapshot_stops_the_resumed_program_with_the_fix(finished_run,
     for name in names:
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", f"--workdir={copy}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]

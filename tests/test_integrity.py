@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from ccmr_jax import checkpoint, experiment, integrity, manifest
-from tests.conftest import EWC_REPLAY_OVERRIDES, tiny_config
+from conftest import EWC_REPLAY_OVERRIDES, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One instance of every kind, chosen where a rerun reads it: task 0's artifacts are what task 1 was built on.

@@ -22,6 +22,7 @@ import ml_collections
 import pytest
 
 from ccmr_jax import distributed
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 600  # all three processes together; pytest-timeout stops a real hang sooner or later
@@ -81,7 +82,7 @@ def _free_port() -> int:
 
 def _environment(devices: int, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **extra)
   return env
 

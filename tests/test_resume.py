@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Task 1 trains 18 steps with a progress checkpoint every 4; the strategy carries every kind of state
 # across the kill: Adam moments, the EWC penalty's state, the replay memory, the LwF teacher.
@@ -18,7 +20,7 @@ def _start(workdir: str, log_path: str, cache_dir: str) -> subprocess.Popen:
   # The runs share a compilation cache: only the first one compiles (the same executables, the same numbers).
   # One CPU device: sharded steps are tested elsewhere (test_sharding, the 8-device runs, LwF on 2 devices in
   # test_experiment). On 2+ devices the LwF step loaded from this shared cache deadlocks in XLA:CPU (jax 0.10.2).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   log = open(log_path, "w")

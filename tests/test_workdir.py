@@ -14,6 +14,7 @@ from ccmr_jax import files, manifest
 from ccmr_jax import workdir as layout
 from ccmr_jax.cli import UserError
 from configs import tiny
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,7 @@ def test_a_second_holder_is_refused_and_a_released_lock_is_taken_again(tmp_path)
 
 
 def _main(workdir: str, cache: str) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.Popen([sys.executable, "-m", "ccmr_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}"],
