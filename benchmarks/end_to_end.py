@@ -18,6 +18,14 @@ training and evaluation per task (from ``results.json``), and the report.
 Compilation is logged by JAX in the child (``JAX_LOG_COMPILES=1``: tracing,
 lowering and XLA compilation of every jitted program) and reported as its
 sum, which overlaps the stages it happened in.
+
+For the default, the run's training steps (the tasks' and, when the towers
+were not cached, the pretraining's, from its log) give a floor: their model
+FLOPs (``steps × GFLOP/step`` of the ``default`` workload, the matmuls
+counted analytically) over the best matmul rate of this machine (a jitted
+``4096³`` product and numpy's BLAS, timed after the run). No implementation of
+these steps runs faster on this machine: a target below floor plus the
+run's other stages cannot be met without a lighter default.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import common
+from benchmarks import common, workloads
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPOSITORY, "configs", "scenes.py")
@@ -41,6 +49,7 @@ TARGET_SECONDS = 180
 TARGET_BYTES = 2 * 2 ** 30
 # absl's log prefix: severity, month and day, time of day (local), thread, file:line.
 _LOG_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+) +\d+ +[\w.]+:\d+\] (.*)$")
+_STEPS_LINE = re.compile(r"^(?:task \d+ \(.*\)|pretraining): (\d+) steps")
 _COMPILE_LINE = re.compile(r"^Finished (?:tracing|jaxpr to MLIR module conversion|XLA compilation) .* in ([\d.]+) sec$")
 # Where each stage starts, in the order the program runs them: the first log message matching a regular
 # expression (the report: the last one, after the last task).
@@ -71,7 +80,8 @@ def run(config: str, workdir: str, overrides: list[str]) -> dict:
   with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
   return {"wall_s": ended - started, "peak_rss_bytes": peak_kib * 1024, "results": results,
-          "stages": stage_breakdown(completed.stderr, started, ended)}
+          "stages": stage_breakdown(completed.stderr, started, ended),
+          "steps": steps_trained(completed.stderr)}
 
 
 def _log_events(log: str, started: float) -> list[tuple[float, str]]:
@@ -86,6 +96,11 @@ def _log_events(log: str, started: float) -> list[tuple[float, str]]:
           datetime.timedelta(seconds=float(second))
       events.append((stamp.timestamp() - started, message))
   return events
+
+
+def steps_trained(log: str) -> int:
+  """Training steps the run's log announces: every task's and, when it happened, the pretraining's."""
+  return sum(int(m.group(1)) for _, message in _log_events(log, time.time()) if (m := _STEPS_LINE.match(message)))
 
 
 def stage_breakdown(log: str, started: float, ended: float) -> dict:
@@ -122,7 +137,24 @@ def main(argv=None) -> None:
   else:
     with tempfile.TemporaryDirectory(prefix="ccmr_end_to_end_") as workdir:
       outcome = run(args.config, os.path.join(workdir, "run"), args.override)
-  print_outcome(outcome, os.path.abspath(args.config) == DEFAULT_CONFIG and not args.override)
+  is_default = os.path.abspath(args.config) == DEFAULT_CONFIG and not args.override
+  print_outcome(outcome, is_default)
+  if is_default:
+    print_floor(outcome["steps"], workloads.get_workload("default").train_flops_per_step(), best_matmul_rate())
+
+
+def best_matmul_rate(rounds: int = 3) -> float:
+  """FLOP/s of the faster of a jitted and a numpy BLAS ``4096³`` matmul on this machine, median of ``rounds``."""
+  values = common.alternate({"jitted": common.matmul_peak(), "blas": common.blas_matmul_peak()}, rounds, warmup=True)
+  return max(common.median(v) for v in values.values())
+
+
+def print_floor(steps: int, flops_per_step: float, peak_flops: float) -> None:
+  """The least time ``steps`` training steps can take on this machine: their model FLOPs at ``peak_flops``."""
+  floor_s = steps * flops_per_step / peak_flops
+  print(f"training floor: {steps} steps × {flops_per_step / 1e9:.1f} GFLOP = {steps * flops_per_step / 1e12:.1f} "
+        f"TFLOP; at this machine's best matmul rate ({peak_flops / 1e9:.1f} GFLOP/s) at least {floor_s:.1f} s "
+        f"of the {TARGET_SECONDS} s target")
 
 
 def print_outcome(outcome: dict, is_default: bool) -> None:

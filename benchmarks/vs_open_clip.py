@@ -19,6 +19,14 @@ weights, and the loss of the first step.
 open_clip runs in a process of its own, the project's step in this one,
 both on every core, timed in turns (JAX, PyTorch, JAX, ...); the ratio is of
 the medians.
+
+The machine's matmul peak is timed in the same turns (a jitted ``n×n @ n×n``
+and numpy's BLAS, as in :mod:`benchmarks.train_throughput`), giving each
+side's MFU and the ceiling of the ratio: a step whose model FLOPs (the
+matmuls counted analytically, ``2·m·n·k``) all ran at the best of the two
+peaks would be ``peak ÷ open_clip's model FLOP/s`` times open_clip's speed.
+No rewrite of the step can pass that ratio on this machine; a target above
+it asks for more FLOP/s than the CPU's best matmul delivers.
 Without open_clip installed (``pip install -e '.[bench]'``), only the JAX
 side runs.
 """
@@ -44,8 +52,8 @@ def embedding_parity(workload: workloads.Workload, params, batch: dict, expected
              float(np.abs(np.asarray(text_emb) - expected[1]).max()))
 
 
-def compare(workload: workloads.Workload, rounds: int, turn_seconds: float) -> None:
-  """Checks the two sides compute the same thing, times them in turns, prints the table and the ratio."""
+def compare(workload: workloads.Workload, rounds: int, turn_seconds: float, peaks: dict) -> None:
+  """Checks the two sides compute the same thing, times them in turns with ``peaks``, prints the tables."""
   hyper = train_config().train
   print(f"\n## workload {workload.name}: batch {workload.batch_size}, {workload.train_flops_per_step() / 1e9:.1f} "
         f"GFLOP/step; open_clip config {workloads.open_clip_config(workload)}")
@@ -71,19 +79,33 @@ def compare(workload: workloads.Workload, rounds: int, turn_seconds: float) -> N
   contenders = {"ccmr_jax": lambda: trainer.steps(steps) / steps}
   if peer is not None:
     contenders["open_clip"] = lambda: peer.run(steps)[0] / steps
-  values = common.alternate(contenders, rounds)
+  values = common.alternate({**contenders, **peaks}, rounds)
   if peer is not None:
     peer.close()
+  print(f"{steps} steps per turn, {rounds} turns each, alternating with the peak matmuls; median")
+  print_tables(workload, {name: values[name] for name in contenders},
+               {name: common.median(values[name]) for name in peaks})
+
+
+def print_tables(workload: workloads.Workload, step_seconds: dict, peaks: dict) -> None:
+  """The trainers' speed and MFU against each of ``peaks`` (FLOP/s), the ratio and its ceiling."""
   rows = []
-  for name, seconds in values.items():
+  model_flops = {}
+  for name, seconds in step_seconds.items():
     step_s = common.median(seconds)
-    rows.append([name, step_s, workload.batch_size / step_s, workload.train_flops_per_step() / step_s / 1e9,
-                 " ".join(f"{s:.3f}" for s in seconds)])
-  print(f"{steps} steps per turn, {rounds} turns each, alternating; median")
-  print(common.markdown_table(["trainer", "s/step", "pairs/s", "model GFLOP/s", "every turn (s/step)"], rows))
-  if peer is not None:
-    ratio = common.median(values["open_clip"]) / common.median(values["ccmr_jax"])
-    print(f"{workload.name}: ccmr_jax pairs/s ÷ open_clip pairs/s = {ratio:.2f}")
+    model_flops[name] = workload.train_flops_per_step() / step_s
+    rows.append([name, step_s, workload.batch_size / step_s, model_flops[name] / 1e9]
+                + [f"{100 * model_flops[name] / peak:.1f}%" for peak in peaks.values()]
+                + [" ".join(f"{s:.3f}" for s in seconds)])
+  print(common.markdown_table(["trainer", "s/step", "pairs/s", "model GFLOP/s"]
+                              + [f"MFU vs {name} ({peak / 1e9:.1f} GFLOP/s)" for name, peak in peaks.items()]
+                              + ["every turn (s/step)"], rows))
+  if "open_clip" in model_flops:
+    ratio = model_flops["ccmr_jax"] / model_flops["open_clip"]
+    best = max(peaks, key=peaks.get)
+    print(f"{workload.name}: ccmr_jax pairs/s ÷ open_clip pairs/s = {ratio:.2f}; ceiling on this machine "
+          f"({best} {peaks[best] / 1e9:.1f} GFLOP/s ÷ open_clip's {model_flops['open_clip'] / 1e9:.1f}) = "
+          f"{peaks[best] / model_flops['open_clip']:.2f}")
 
 
 def main(argv=None) -> None:
@@ -93,17 +115,21 @@ def main(argv=None) -> None:
                            "at batch 32), tiny")
   parser.add_argument("--batch_size", type=int, default=None, help="default: the workload's")
   parser.add_argument("--turn_seconds", type=float, default=6.0, help="length of one timed turn")
+  parser.add_argument("--peak_size", type=int, default=None, help="side of the peak matmuls (default 4096 on CPU)")
   common.add_common_flags(parser)
   args = parser.parse_args(argv)
   if args.quick:
-    args.workloads, args.rounds, args.turn_seconds = "tiny", 1, 0.0
+    args.workloads, args.rounds, args.turn_seconds, args.peak_size = "tiny", 1, 0.0, 256
   common.print_header("Training: ccmr_jax vs open_clip, identical architecture", argv)
   hyper = train_config().train
   print(f"optimizer: clip_by_global_norm({hyper.grad_clip}) + AdamW(lr={hyper.learning_rate}, "
         f"weight_decay={hyper.weight_decay}) on every parameter; loss: symmetric InfoNCE")
+  peaks = {"jitted matmul": common.matmul_peak(args.peak_size)}
+  if jax.default_backend() == "cpu":
+    peaks["numpy BLAS matmul"] = common.blas_matmul_peak(args.peak_size)
   for name in args.workloads.split(","):
     compare(workloads.with_options(workloads.get_workload(name), batch_size=args.batch_size), args.rounds,
-            args.turn_seconds)
+            args.turn_seconds, peaks)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def _train(config: ml_collections.ConfigDict, train_split, tokenizer: Tokenizer,
   if steps == 0:
     raise cli.UserError(f"train.batch_size={config.train.batch_size} exceeds the {len(train_split)} training "
                         "images of the pretraining corpus; lower it")
+  logging.info("pretraining: %d steps of %d pairs", steps, config.train.batch_size)
   batches = itertools.chain.from_iterable(
       sampler.epoch(config.train.batch_size, config.seed, 0, epoch, jax.process_index(), jax.process_count())
       for epoch in range(config.train.epochs_per_task))

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from benchmarks import common, end_to_end
+from benchmarks import common, end_to_end, vs_open_clip, workloads
 
 PEERS = {"open_clip": common.module_available("open_clip") and common.module_available("torch"),
          "faiss": common.module_available("faiss")}
@@ -42,8 +42,22 @@ def test_train_throughput(run):
 
 def test_vs_open_clip(run):
   out = run("vs_open_clip")
-  assert "| ccmr_jax |" in out
+  assert "| ccmr_jax |" in out and "MFU vs jitted matmul" in out and "MFU vs numpy BLAS matmul" in out
   assert ("ccmr_jax pairs/s ÷ open_clip pairs/s" in out) == PEERS["open_clip"]
+  assert ("ceiling on this machine" in out) == PEERS["open_clip"]
+
+
+def test_vs_open_clip_ceiling_is_the_best_peak_over_open_clips_flops(capsys):
+  workload = workloads.get_workload("small")
+  flops = workload.train_flops_per_step()
+  # open_clip at 2 s/step, ccmr_jax at 1.6 s/step; the best peak runs the step's FLOPs in 0.5 s.
+  vs_open_clip.print_tables(workload, {"ccmr_jax": [1.6, 1.5, 1.7], "open_clip": [2.0]},
+                            {"jitted matmul": flops / 0.8, "numpy BLAS matmul": flops / 0.5})
+  out = capsys.readouterr().out
+  assert "ccmr_jax pairs/s ÷ open_clip pairs/s = 1.25" in out
+  assert "ceiling on this machine (numpy BLAS matmul 60.0 GFLOP/s ÷ open_clip's 15.0) = 4.00\n" in out
+  assert "| ccmr_jax | 1.6 | 80 | 18.76 | 50.0% | 31.2% |" in out
+  assert "| open_clip | 2 | 64 | 15.01 | 40.0% | 25.0% |" in out
 
 
 def test_profile_step(run):
@@ -103,6 +117,14 @@ def test_end_to_end_stages_come_from_the_log_time_stamps():
   cached = end_to_end.stage_breakdown(log.replace("no cached pretrained", "cached"), started, started + 135.0)
   assert "pretraining the towers (not cached yet)" not in cached["stages"]
   assert cached["stages"]["task stream: data generation, tokenizer"] == 57.0
+  pretraining = "I1206 10:00:12.000000 1 pretrain.py:138] pretraining: 936 steps of 128 pairs"
+  assert end_to_end.steps_trained(log) == 10 and end_to_end.steps_trained(log + "\n" + pretraining) == 946
+
+
+def test_end_to_end_floor_is_the_steps_flops_at_the_peak(capsys):
+  end_to_end.print_floor(1000, 18.6e9, 150e9)
+  assert capsys.readouterr().out == ("training floor: 1000 steps × 18.6 GFLOP = 18.6 TFLOP; at this machine's best "
+                                     "matmul rate (150.0 GFLOP/s) at least 124.0 s of the 180 s target\n")
 
 
 def _tables(out):
