@@ -1,12 +1,13 @@
 """Test setup: 8 fake CPU devices, so sharded code runs as on an 8-chip host.
 
-Every test in this process shares one persistent compilation cache: runs of
-the same config build new jitted closures of the same programs, and the cache
-compiles each program once (it hands back the same executable, so the same
-numbers). Each ``pytest -n`` (pytest-xdist) worker has its own: in 1 of 3
-suites whose two workers shared one cache, the 8-device ``ewc+replay`` run
-aborted inside XLA:CPU while training, as cache-loaded multi-device steps
-have done before (README.md, "Known XLA:CPU hang").
+The tests' own process keeps no persistent compilation cache. All its runs
+are 8-device programs, and multi-device steps loaded from such a cache have
+aborted inside XLA:CPU: in 2 of 6 runs of ``tests/test_integrity.py``, in
+1 of 3 suites whose two xdist workers shared one cache, and in 1 of 2
+suites with a cache per worker (README.md, "Known XLA:CPU hang"). Without
+it, runs of the same config compile their programs again: about 25 s more
+in two workers. Child runs on one device keep theirs (``test_resume``,
+``test_workdir``, the benchmarks' smoke tests).
 
 XLA compiles every program of the suite, in this process and in the runs
 it starts (:func:`xla_flags`), at its cheapest LLVM optimisation level:
@@ -20,11 +21,8 @@ the suite, a third of whose time was compilation, takes a fifth less time
 
 import ccmr_jax  # noqa: F401  first: its host-memory setting reaches every thread (ccmr_jax/host_memory.py)
 
-import atexit
 import contextlib
 import os
-import shutil
-import tempfile
 
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -42,12 +40,6 @@ os.environ["CCMR_JAX_PLOTS"] = "0"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="ccmr_jax_test_compilation_cache_")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from ccmr_jax.data.examples import Examples  # noqa: E402
 

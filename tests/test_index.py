@@ -1,5 +1,9 @@
 """Approximate ScaNN indexes built to a recall target: tuning, its stored settings, its fallbacks."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -79,7 +83,8 @@ def test_tuned_settings_are_stored_with_the_index_and_used_after_loading(gallery
 
 def test_the_same_gallery_gets_the_same_index_every_build(gallery_and_queries):
   gallery, tuning, held_out = gallery_and_queries
-  builds = [index.build_searcher(gallery, 10, "approximate", recall_target=0.9, tuning_queries=tuning) for _ in range(2)]
+  builds = [index.build_searcher(gallery, 10, "approximate", recall_target=0.9, tuning_queries=tuning)
+            for _ in range(2)]
   assert builds[0].settings == builds[1].settings
   np.testing.assert_array_equal(index.search(builds[0], held_out, 10)[0], index.search(builds[1], held_out, 10)[0])
   # Without a fixed seed for its centres, ScaNN's default tree would differ here from build to build.
@@ -113,3 +118,24 @@ def test_small_galleries_and_unreachable_targets_are_searched_exactly(monkeypatc
     index.build_searcher(small, 10, "approximate", recall_target=1.5)
   with pytest.raises(ValueError, match="tuning queries contain NaN"):
     index.build_searcher(_clustered(2000, 5), 10, "approximate", tuning_queries=np.full((4, 48), np.nan, np.float32))
+
+
+_WITHOUT_TENSORFLOW = """
+import sys
+import numpy as np
+from ccmr_jax import index
+assert "tensorflow" not in sys.modules, "importing the index loaded TensorFlow"
+gallery = np.eye(4, dtype=np.float32)
+rows, _ = index.search(index.build_searcher(gallery, 2), gallery[[2]], 2)
+assert rows[0, 0] == 2, rows
+import tensorflow
+print("tensorflow", tensorflow.__version__)
+"""
+
+
+def test_scann_is_imported_without_tensorflow_which_still_imports_after():
+  # A process of its own: this one may have imported TensorFlow already. The test extra installs TensorFlow.
+  completed = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert completed.stdout.startswith("tensorflow 2.")
