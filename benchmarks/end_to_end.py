@@ -24,8 +24,10 @@ were not cached, the pretraining's, from its log) give a floor: their model
 FLOPs (``steps × GFLOP/step`` of the ``default`` workload, the matmuls
 counted analytically) over the best matmul rate of this machine (a jitted
 ``4096³`` product and numpy's BLAS, timed after the run). No implementation of
-these steps runs faster on this machine: a target below floor plus the
-run's other stages cannot be met without a lighter default.
+these steps in float32 runs faster on this machine: a target below the floor
+plus the run's other stages cannot be met without a lighter default. Each
+task's line gives its total steps, so the floor is for a fresh workdir, as
+this script always uses.
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def best_matmul_rate(rounds: int = 3) -> float:
 
 def print_floor(steps: int, flops_per_step: float, peak_flops: float) -> None:
   """The least time ``steps`` training steps can take on this machine: their model FLOPs at ``peak_flops``."""
+  if steps == 0:
+    print("training floor: no training steps found in the run's log (has its format changed?)")
+    return
   floor_s = steps * flops_per_step / peak_flops
   print(f"training floor: {steps} steps × {flops_per_step / 1e9:.1f} GFLOP = {steps * flops_per_step / 1e12:.1f} "
         f"TFLOP; at this machine's best matmul rate ({peak_flops / 1e9:.1f} GFLOP/s) at least {floor_s:.1f} s "

@@ -122,7 +122,7 @@ def scann_methods(gallery: np.ndarray, tuning: np.ndarray,
                   target: float) -> tuple[list[Method], index.Searcher, float]:
   """ScaNN as the project builds it (tuned to ``target``), its variants and autopilot; the tuned searcher and
   the seconds its build and tuning took."""
-  from scann.scann_ops.py import scann_ops_pybind
+  scann_ops_pybind = index.scann_ops_pybind  # imported by the project's index, without TensorFlow
   start = time.perf_counter()
   tuned = index.build_searcher(gallery, K, mode="approximate", recall_target=target, tuning_queries=tuning)
   tuned_seconds = time.perf_counter() - start
@@ -308,8 +308,9 @@ def main(argv=None) -> None:
   print("\nScaNN one-thread query time, least squares: " + ", ".join(f"{k}={v:.3g}" for k, v in split.items()))
   exact_qps = time_operating_points(operating_points, queries, truth, exact_jax, cores, args)
   if args.plot:
-    plot_frontier(sweeps, exact_qps, cores, f"{args.num_items:,} x {args.dim}, {info['cpu']} ({info['isa']}), {cores} cores, "
-                  f"load {info['load_average_1m']}, {info['date']}", args.plot)
+    title = (f"{args.num_items:,} x {args.dim}, {info['cpu']} ({info['isa']}), {cores} cores, "
+             f"load {info['load_average_1m']}, {info['date']}")
+    plot_frontier(sweeps, exact_qps, cores, title, args.plot)
     print(f"frontier plot: {args.plot}")
 
 

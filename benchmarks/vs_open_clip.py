@@ -25,8 +25,8 @@ and numpy's BLAS, as in :mod:`benchmarks.train_throughput`), giving each
 side's MFU and the ceiling of the ratio: a step whose model FLOPs (the
 matmuls counted analytically, ``2·m·n·k``) all ran at the best of the two
 peaks would be ``peak ÷ open_clip's model FLOP/s`` times open_clip's speed.
-No rewrite of the step can pass that ratio on this machine; a target above
-it asks for more FLOP/s than the CPU's best matmul delivers.
+No float32 rewrite of the step can pass that ratio on this machine; a
+target above it asks for more FLOP/s than the CPU's best matmul delivers.
 Without open_clip installed (``pip install -e '.[bench]'``), only the JAX
 side runs.
 """

@@ -50,7 +50,9 @@ def _import_scann_without_tensorflow():
   ``tensorflow`` is marked absent in ``sys.modules``, so ScaNN skips its
   ops. The mark is removed after, so a later ``import tensorflow``
   (TensorFlow Datasets) works as usual. Where TensorFlow is already
-  imported, nothing is marked.
+  imported, nothing is marked. This runs once, when this module is first
+  imported; a thread importing TensorFlow at that very moment would be
+  told it is absent.
   """
   blocked = "tensorflow" not in sys.modules
   if blocked:

@@ -13,8 +13,8 @@ XLA compiles every program of the suite, in this process and in the runs
 it starts (:func:`xla_flags`), at its cheapest LLVM optimisation level:
 the optimised HLO is the same (checked on the tiny and default training
 steps), only its machine code is less optimised, so results may differ from
-a default build in rounding. Tests compare runs made under the same flags;
-the suite, a third of whose time was compilation, takes a fifth less time
+a default build in rounding. Tests compare runs made under the same flags.
+With the single import name below, it took a fifth off the suite's time
 (BENCHMARKS.md). Import this module as ``conftest``, never as
 ``tests.conftest``: a second name would run it a second time.
 """
