@@ -44,6 +44,12 @@ import pytest  # noqa: E402
 from ccmr_jax.data.examples import Examples  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+  """Tests marked ``slow`` first, the rest in their order: two xdist workers start the long runs early, and the
+  suite does not end on one of them while the other worker waits."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def devices():
   found = jax.devices()

@@ -266,6 +266,7 @@ def test_a_continual_strategy_trains_and_saves_its_state(ewc_replay_run):
     assert int(ewc_state["num_tasks"]) == consolidations
 
 
+@pytest.mark.slow
 def test_lwf_and_bct_train_sharded_over_two_devices(tmp_path):
   # Without a persistent compilation cache: on jax 0.10.2 the LwF step, loaded from that cache, deadlocks in
   # XLA:CPU's all-gathers on 2 devices (a fresh compile never did in 3,000 steps and 14 runs on 2 and 8

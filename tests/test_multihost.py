@@ -147,6 +147,7 @@ def _assert_close(single, multi, where="policies"):
     assert single == multi, f"{where}: {single!r} vs {multi!r}"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
   for attempt in range(2):  # the free port may be taken before the coordinator binds it: then once more
     single_dir, multi_dir = str(tmp_path / f"single{attempt}"), str(tmp_path / f"multi{attempt}")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,7 @@ def _results(workdir: str) -> dict:
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_task_and_mid_evaluation_resumes_to_the_same_numbers(tmp_path):
   cache = str(tmp_path / "jax_cache")
   reference = str(tmp_path / "reference")

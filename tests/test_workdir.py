@@ -90,6 +90,7 @@ def _results(workdir: str) -> dict:
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_workdir_and_a_killed_holder(tmp_path):
   cache = str(tmp_path / "jax_cache")
   shared = str(tmp_path / "shared")
