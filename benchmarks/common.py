@@ -141,6 +141,15 @@ def blas_matmul_peak(size: int | None = None) -> Callable[[], float]:
   return lambda: flops / timed(lambda: a @ b)
 
 
+def matmul_peaks(size: int | None = None, dtype: str = "float32") -> dict[str, Callable[[], float]]:
+  """The peaks a benchmark measures MFU against, by name: the jitted matmul, and on CPU in float32 numpy's BLAS."""
+  import jax
+  peaks = {"jitted matmul": matmul_peak(size, dtype)}
+  if jax.default_backend() == "cpu" and dtype == "float32":
+    peaks["numpy BLAS matmul"] = blas_matmul_peak(size)
+  return peaks
+
+
 class WorkerError(RuntimeError):
   """A worker process failed; the message holds its traceback."""
 

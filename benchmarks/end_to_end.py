@@ -146,8 +146,8 @@ def main(argv=None) -> None:
 
 
 def best_matmul_rate(rounds: int = 3) -> float:
-  """FLOP/s of the faster of a jitted and a numpy BLAS ``4096³`` matmul on this machine, median of ``rounds``."""
-  values = common.alternate({"jitted": common.matmul_peak(), "blas": common.blas_matmul_peak()}, rounds, warmup=True)
+  """FLOP/s of the fastest of :func:`common.matmul_peaks` (``4096³`` on CPU) on this machine, median of ``rounds``."""
+  values = common.alternate(common.matmul_peaks(), rounds, warmup=True)
   return max(common.median(v) for v in values.values())
 
 

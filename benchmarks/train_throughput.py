@@ -205,9 +205,7 @@ def main(argv=None) -> None:
     args.pipeline_check = args.pipeline_check and "tiny"
   common.print_header("Training throughput and MFU", argv)
   mesh = sharding.make_mesh()
-  peaks = {"jitted matmul": common.matmul_peak(args.peak_size, args.dtype)}
-  if jax.default_backend() == "cpu" and args.dtype == "float32":
-    peaks["numpy BLAS matmul"] = common.blas_matmul_peak(args.peak_size)
+  peaks = common.matmul_peaks(args.peak_size, args.dtype)
   rows = []
   for name in args.workloads.split(","):
     workload = workloads.with_options(workloads.get_workload(name), args.dtype, args.remat, args.batch_size)

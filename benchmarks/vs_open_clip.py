@@ -124,9 +124,7 @@ def main(argv=None) -> None:
   hyper = train_config().train
   print(f"optimizer: clip_by_global_norm({hyper.grad_clip}) + AdamW(lr={hyper.learning_rate}, "
         f"weight_decay={hyper.weight_decay}) on every parameter; loss: symmetric InfoNCE")
-  peaks = {"jitted matmul": common.matmul_peak(args.peak_size)}
-  if jax.default_backend() == "cpu":
-    peaks["numpy BLAS matmul"] = common.blas_matmul_peak(args.peak_size)
+  peaks = common.matmul_peaks(args.peak_size)
   for name in args.workloads.split(","):
     compare(workloads.with_options(workloads.get_workload(name), batch_size=args.batch_size), args.rounds,
             args.turn_seconds, peaks)
